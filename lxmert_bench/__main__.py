@@ -1,0 +1,3 @@
+from lxmert_bench.cli import main
+
+raise SystemExit(main())
