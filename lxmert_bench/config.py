@@ -1,0 +1,211 @@
+"""Frozen run configurations: what one stage (BERT, pretraining or fine-tuning) needs to run.
+
+A :class:`RunConfig` is everything that decides a stage's result. It round-trips through JSON
+(``config.json`` in its run directory) and its content hash names the run. Defaults follow the paper
+and the official code (LXMERT_FACTS.md); where the two disagree a field says which one it follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lxmert_bench.model.config import LxmertConfig
+
+StageKind = Literal["bert", "pretrain", "finetune"]
+TaskName = Literal["vqa", "gqa", "nlvr2"]
+TASKS: tuple[str, ...] = ("vqa", "gqa", "nlvr2")
+VISUAL_LOSSES: tuple[str, ...] = ("obj", "attr", "feat")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data lives, in the official directory layout (vqa/, gqa/, nlvr2/, lxmert/, *_imgfeat/).
+
+    ``root`` is not part of a run's identity: ``fingerprint`` (of the files under it) is.
+    """
+
+    root: str = "data"
+    vocab: str | None = None  # BERT vocab.txt; None: <root>/vocab.txt, else bert-base-uncased's
+    synthetic: bool = False  # generate the synthetic benchmark into root when it is missing
+    synthetic_images: int = 600
+    synthetic_seed: int = 0
+    feature_dtype: Literal["float32", "float16"] = "float32"  # of the memory-mapped store
+    max_seq_length: int = 20
+    image_limit: int | None = None  # like the official --tiny / --fast: first N images per split
+    num_workers: int = 0
+    fingerprint: str = ""  # filled in by the planner
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["bertadam", "adamw"] = "bertadam"  # official: BertAdam, no bias correction
+    lr: float = 1e-4
+    batch_size: int = 256
+    epochs: int = 20
+    warmup: float = 0.05  # fraction of all steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_steps: int | None = None  # stop early (demos, tests); None: epochs decide
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """Text-only BERT stage (MLM on the corpus sentences), for the BERT-init ablation offline."""
+
+    optim: OptimConfig = OptimConfig(lr=1e-4, batch_size=256, epochs=10, warmup=0.05)
+    word_mask_rate: float = 0.15
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    # the five tasks (LXMERT_FACTS.md §2); each switchable
+    mask_lm: bool = True
+    matched: bool = True
+    visual_losses: tuple[str, ...] = VISUAL_LOSSES  # any subset of obj, attr, feat; () = none
+    qa: bool = True
+    qa_from_epoch: int = 0  # 0: QA from the start (GitHub); 10 of 20: the paper's P10+QA10
+    qa_weight: float = 1.0  # official older code: x2 once QA is on
+    word_mask_rate: float = 0.15
+    obj_mask_rate: float = 0.15
+    obj_mask_mode: Literal["official", "zero"] = "official"  # 80/10/10 vs the paper's zero-only
+    feat_loss: Literal["smooth_l1", "l2"] = "smooth_l1"  # code vs paper
+    label_targets: Literal["all_confidence", "masked"] = "all_confidence"  # code vs paper
+    visual_loss_weight: float = 1 / 0.15
+    # initialisation: "scratch" (paper default) or "bert" (from the BERT stage or a checkpoint)
+    init: Literal["scratch", "bert"] = "scratch"
+    bert_checkpoint: str | None = None  # HF BERT checkpoint; None with init=bert: the BERT stage
+    bert_layers: Literal["bottom", "top"] = "bottom"  # official code vs paper footnote
+    train_splits: tuple[str, ...] = ("mscoco_train", "mscoco_nominival", "vgnococo")
+    valid_split: str = "mscoco_minival"
+    optim: OptimConfig = OptimConfig()
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str = "vqa"
+    train_splits: tuple[str, ...] = ("train", "nominival")
+    valid_split: str = "minival"
+    load_qa_head: bool = True  # official --loadLXMERTQA (VQA, GQA)
+    loss: Literal["bce", "ce"] = "bce"  # GQA: official BCE, --mceLoss gives CE
+    data_augmentation: bool = False  # Table 4 "DA": add the other QA sets' questions
+    optim: OptimConfig = OptimConfig(lr=5e-5, batch_size=32, epochs=4, warmup=0.1, grad_clip=5.0)
+
+
+# The paper's fine-tuning setup per task (LXMERT_FACTS.md §3).
+TASK_DEFAULTS: dict[str, FinetuneConfig] = {
+    "vqa": FinetuneConfig(),
+    "gqa": FinetuneConfig(
+        task="gqa", train_splits=("train", "valid"), valid_split="testdev",
+        optim=OptimConfig(lr=1e-5, batch_size=32, epochs=4, warmup=0.1, grad_clip=5.0),
+    ),
+    "nlvr2": FinetuneConfig(
+        task="nlvr2", train_splits=("train",), valid_split="valid", load_qa_head=False, loss="ce",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One stage. ``init_from`` names the stage whose weights it starts from, as '<kind>/<hash>'."""
+
+    kind: StageKind = "pretrain"
+    seed: int = 9595
+    model: LxmertConfig = LxmertConfig()
+    data: DataConfig = DataConfig()
+    bert: BertConfig | None = None
+    pretrain: PretrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+    init_from: str | None = None
+    log_every: int = 50
+    checkpoint_every: int = 1000  # steps; also at each epoch end and at the end
+    eval_every_epoch: bool = True
+    device: str = "auto"  # auto: cuda if available
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    code_version: str = ""  # filled in by the planner
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+    # --- identity ------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What decides the result: everything but paths and logging cadence."""
+        d = self.to_dict()
+        d["data"].pop("root", None)
+        d["data"].pop("num_workers", None)
+        for k in ("log_every", "device"):
+            d.pop(k, None)
+        return d
+
+    def content_hash(self, length: int = 12) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+    @property
+    def stage_id(self) -> str:
+        """'<kind>/<hash>': the run's directory under <workdir>/runs/."""
+        return f"{self.kind}/{self.content_hash()}"
+
+    @property
+    def stage(self) -> BertConfig | PretrainConfig | FinetuneConfig:
+        sub = getattr(self, self.kind)
+        if sub is None:
+            raise ValueError(f"RunConfig of kind {self.kind!r} has no '{self.kind}' section")
+        return sub
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls: type, d: dict[str, Any], path: str = "") -> Any:
+    """Build a (nested) frozen dataclass from plain data, with errors that name the key path."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{path or cls.__name__}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise KeyError(f"{path or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(value)
+    return value
