@@ -69,7 +69,10 @@ class PretrainConfig:
     matched: bool = True
     visual_losses: tuple[str, ...] = VISUAL_LOSSES  # any subset of obj, attr, feat; () = none
     qa: bool = True
-    qa_from_epoch: int = 0  # 0: QA from the start (GitHub); 10 of 20: the paper's P10+QA10
+    # Fraction of the pretraining epochs run WITHOUT the QA loss, so it scales with any schedule:
+    # 0.0 = QA from the start (GitHub version); 0.5 = the paper's P10+QA10 (QA from epoch 10 of 20).
+    # The QA loss is on from epoch index round(qa_start * epochs) (0-based).
+    qa_start: float = 0.0
     qa_weight: float = 1.0  # official older code: x2 once QA is on
     word_mask_rate: float = 0.15
     obj_mask_rate: float = 0.15
