@@ -97,6 +97,10 @@ class FinetuneConfig:
     load_qa_head: bool = True  # official --loadLXMERTQA (VQA, GQA)
     loss: Literal["bce", "ce"] = "bce"  # GQA: official BCE, --mceLoss gives CE
     data_augmentation: bool = False  # Table 4 "DA": add the other QA sets' questions
+    # Starting weights when init_from names a BERT stage, or when there is no init_from and
+    # init_checkpoint names a BERT / LXMERT checkpoint file (loaded with model.load_weights).
+    bert_layers: Literal["bottom", "top"] = "bottom"  # official code vs paper footnote
+    init_checkpoint: str | None = None
     optim: OptimConfig = OptimConfig(lr=5e-5, batch_size=32, epochs=4, warmup=0.1, grad_clip=5.0)
 
 
