@@ -1,0 +1,612 @@
+"""Plan -> jobs through submitit (Slurm, local subprocesses, or in-process debug), and their state.
+
+A manifest on disk (``job.json`` in each stage's run directory, plus an append-only
+``<workdir>/submissions.jsonl`` journal) maps stage hashes to job ids, so ``status``, ``cancel``,
+``report`` and re-runs work from any later shell; no live process holds state.
+
+Slurm: one job array per (stage level, parent job) through ``executor.batch()``; fine-tuning arrays
+depend ``afterok`` on their pretraining job (an array shares one dependency, so grouping by parent
+keeps one failed pretraining from blocking the others' fine-tunings). Arrays are split above the
+cluster's MaxArraySize and throttled with ``array_parallelism``.
+Local/debug: the same stages run as subprocesses (or in-process) with at most ``parallelism`` at
+once, in dependency order, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import submitit
+import yaml
+
+from lxmert_bench.io import atomic_write_json, read_json
+from lxmert_bench.plan import Plan, Stage
+from lxmert_bench.store import DONE, FAILED, PENDING, RunDir
+
+# states a stage can be in, as shown by plan / status
+QUEUED, RUNNING, CANCELLED, ORPHANED, TO_RUN = "queued", "running", "cancelled", "orphaned", "to run"
+ACTIVE = (QUEUED, RUNNING)
+SLURM_RESOURCE_KEYS = {
+    "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
+    "partition", "account", "qos", "constraint", "signal_delay_s", "max_num_timeout",
+    "additional_parameters", "setup",
+}
+SLURM_TOP_KEYS = {"name", "description", "array_parallelism", "max_array_size", "bert", "pretrain",
+                  "finetune", "local_parallelism"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LaunchError(RuntimeError):
+    """A launch cannot proceed (bad resource profile, Slurm refused a job, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The job a scheduler runs
+# ---------------------------------------------------------------------------------------------
+class StageJob(submitit.helpers.Checkpointable):
+    """Runs one stage from its run directory. Small to pickle: a workdir and a stage id.
+
+    On Slurm preemption or timeout submitit calls :meth:`checkpoint`, which requeues the same job;
+    the stage then resumes from its last checkpoint.
+    """
+
+    def __init__(self, workdir: str, stage_id: str, threads: int | None = None):
+        self.workdir = str(workdir)
+        self.stage_id = stage_id
+        self.threads = threads
+
+    def __call__(self) -> dict[str, Any]:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        env = submitit.JobEnvironment() if "SLURM_JOB_ID" in os.environ else None
+        if env is not None and env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from lxmert_bench.train.stages import run_stage
+
+        result = run_stage(RunDir(self.workdir, self.stage_id))
+        return {"stage_id": self.stage_id, "metrics": result.get("metrics", {})}
+
+    def __repr__(self) -> str:
+        return f"StageJob({self.stage_id})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource profiles (slurm/profiles/*.yaml)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ResourceProfile:
+    name: str
+    kinds: dict[str, dict[str, Any]]
+    array_parallelism: int = 256
+    max_array_size: int = 1000
+    local_parallelism: int | None = None
+    path: str = ""
+
+    def for_kind(self, kind: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        res = dict(self.kinds.get(kind, {}))
+        res.update(overrides or {})
+        return res
+
+
+def _profile_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for folder in (Path.cwd() / "slurm" / "profiles", REPO_ROOT / "slurm" / "profiles"):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise LaunchError(f"slurm profile {name!r}: not found in ./slurm/profiles/ or "
+                      f"{REPO_ROOT / 'slurm' / 'profiles'} (or give a path to a .yaml)")
+
+
+def load_resource_profile(name: str) -> ResourceProfile:
+    path = _profile_path(name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LaunchError(f"{path}: invalid YAML: {e}") from None
+    problems = [f"{path}: {k}: unknown key (known: {sorted(SLURM_TOP_KEYS)})"
+                for k in data if k not in SLURM_TOP_KEYS]
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in ("bert", "pretrain", "finetune"):
+        res = data.get(kind) or {}
+        if not isinstance(res, dict):
+            problems.append(f"{path}: {kind}: expected a mapping of resources")
+            continue
+        problems += [f"{path}: {kind}.{k}: unknown resource (known: {sorted(SLURM_RESOURCE_KEYS)})"
+                     for k in res if k not in SLURM_RESOURCE_KEYS]
+        kinds[kind] = res
+    if problems:
+        raise LaunchError("\n".join(problems))
+    return ResourceProfile(
+        name=str(data.get("name", path.stem)), kinds=kinds,
+        array_parallelism=int(data.get("array_parallelism", 256)),
+        max_array_size=int(data.get("max_array_size", 1000)),
+        local_parallelism=data.get("local_parallelism"), path=str(path),
+    )
+
+
+def submitit_parameters(resources: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """Our resource keys -> AutoExecutor.update_parameters keywords."""
+    generic = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node"}
+    params: dict[str, Any] = {}
+    for k, v in resources.items():
+        if v is None:
+            continue
+        if k in generic:
+            params[k] = v
+        elif cluster == "slurm":
+            params[f"slurm_{k}"] = v
+    if cluster != "slurm":
+        params.pop("nodes", None)
+        params.pop("tasks_per_node", None)
+        params["gpus_per_node"] = 0 if not _cuda_count() else params.get("gpus_per_node", 0)
+    return params
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch / no driver both mean no GPU
+        return 0
+
+
+def resolve_executor(name: str) -> str:
+    if name == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if name == "slurm" and not shutil.which("sbatch"):
+        raise LaunchError("--executor slurm: 'sbatch' is not on the PATH (no Slurm client here); "
+                          "use --executor local, or start the test cluster with slurm/start.sh")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+def job_record_path(workdir: str | Path, stage_id: str) -> Path:
+    return RunDir(workdir, stage_id).path / "job.json"
+
+
+def read_job(workdir: str | Path, stage_id: str) -> dict[str, Any] | None:
+    p = job_record_path(workdir, stage_id)
+    return read_json(p) if p.is_file() else None
+
+
+def write_job(workdir: str | Path, stage_id: str, record: dict[str, Any]) -> None:
+    atomic_write_json(job_record_path(workdir, stage_id), record)
+    with open(Path(workdir) / "submissions.jsonl", "a") as f:
+        f.write(json.dumps({"stage_id": stage_id, **record}) + "\n")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path) -> Iterator[None]:
+    """One launcher at a time per workdir, so two shells never submit the same stage twice."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    with open(Path(workdir) / ".launch.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StageStatus:
+    stage_id: str
+    state: str
+    job_id: str | None = None
+    executor: str | None = None
+    reason: str = ""
+    error_tail: str = ""
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (Slurm state, reason) from one squeue call and one sacct call."""
+    out: dict[str, tuple[str, str]] = {}
+    if not job_ids or not shutil.which("squeue"):
+        return out
+    ids = ",".join(sorted(set(job_ids)))
+    sq = subprocess.run(["squeue", "-r", "-h", "-o", "%i|%T|%r", "-j", ids],
+                        capture_output=True, text=True)
+    for line in sq.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            out[parts[0]] = (parts[1], parts[2])
+    if shutil.which("sacct"):
+        sa = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ids],
+                            capture_output=True, text=True)
+        for line in sa.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 2 and parts[0] not in out:
+                out[parts[0]] = (parts[1].split()[0], "")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _error_tail(workdir: Path, stage_id: str, record: dict[str, Any] | None) -> str:
+    err = RunDir(workdir, stage_id).read_error()
+    if err:
+        tb = str(err.get("traceback", "")).strip().splitlines()
+        return "\n".join([f"{err.get('type', 'Error')}: {err.get('error', '')}", *tb[-6:]])
+    if record and record.get("folder") and record.get("job_id"):
+        for name in (f"{record['job_id']}_0_log.err", f"{record['job_id']}_log.err"):
+            p = Path(record["folder"]) / name
+            if p.is_file():
+                return _tail(p)
+    return ""
+
+
+def stage_statuses(plan: Plan, workdir: str | Path, query_scheduler: bool = True) -> dict[str, StageStatus]:
+    """The state of every stage, from disk and (forced) one query of the scheduler."""
+    workdir = Path(workdir)
+    records = {sid: read_job(workdir, sid) for sid in plan.stages}
+    slurm_ids = [r["job_id"] for r in records.values()
+                 if r and r.get("executor") == "slurm" and r.get("job_id")]
+    sstates = slurm_states(slurm_ids) if query_scheduler and slurm_ids else {}
+    out: dict[str, StageStatus] = {}
+    for sid in plan.stages:
+        run = RunDir(workdir, sid)
+        rec = records[sid]
+        st = StageStatus(sid, TO_RUN, rec.get("job_id") if rec else None,
+                         rec.get("executor") if rec else None)
+        if run.is_done():
+            st.state = DONE
+        elif rec and rec.get("state") in (CANCELLED, ORPHANED):
+            st.state, st.reason = rec["state"], rec.get("reason", "")
+        elif run.is_failed():
+            st.state = FAILED
+        elif rec:
+            st.state = _scheduler_state(rec, sstates, run)
+        if st.state in (FAILED, CANCELLED, ORPHANED):
+            st.error_tail = _error_tail(workdir, sid, rec)
+        out[sid] = st
+    return out
+
+
+def _scheduler_state(rec: dict[str, Any], sstates: dict[str, tuple[str, str]], run: RunDir) -> str:
+    ex = rec.get("executor")
+    if ex == "slurm":
+        state, _reason = sstates.get(str(rec.get("job_id")), ("", ""))
+        if state in ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED"):
+            return QUEUED
+        if state in ("RUNNING", "COMPLETING", "SUSPENDED"):
+            return RUNNING
+        if state.startswith("CANCELLED"):
+            return CANCELLED
+        if state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                     "DEADLINE", "COMPLETED"):
+            return FAILED  # COMPLETED without result.json: the job ended but the stage did not
+        return QUEUED if not state else FAILED  # not yet in sacct: pending on a dependency
+    pid = rec.get("job_id")
+    if ex in ("local", "debug") and pid and str(pid).isdigit() and _pid_alive(int(pid)):
+        return RUNNING
+    return FAILED if run.has_started() else PENDING if ex else TO_RUN
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LaunchReport:
+    submitted: list[str] = field(default_factory=list)
+    skipped_done: list[str] = field(default_factory=list)
+    skipped_active: list[str] = field(default_factory=list)
+    blocked: dict[str, str] = field(default_factory=dict)  # stage -> why it was not submitted
+    completed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    orphaned: dict[str, str] = field(default_factory=dict)
+    job_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed or self.orphaned or self.blocked)
+
+
+def select_stages(plan: Plan, statuses: dict[str, StageStatus], retry_failed: bool,
+                  report: LaunchReport) -> list[Stage]:
+    """Which stages to submit now: not done, not queued/running; failed ones only when retrying."""
+    todo: list[Stage] = []
+    broken: set[str] = set()
+    for st in plan.ordered():
+        s = statuses[st.stage_id]
+        if s.state == DONE:
+            report.skipped_done.append(st.stage_id)
+            continue
+        if s.state in ACTIVE:
+            report.skipped_active.append(st.stage_id)
+            continue
+        if s.state in (FAILED, CANCELLED, ORPHANED) and not retry_failed:
+            report.blocked[st.stage_id] = f"{s.state} (re-run with --retry-failed)"
+            broken.add(st.stage_id)
+            continue
+        bad = [d for d in st.deps if d in broken]
+        if bad:
+            report.blocked[st.stage_id] = f"depends on {bad[0]}, which is not done"
+            broken.add(st.stage_id)
+            continue
+        todo.append(st)
+    return todo
+
+
+def _freeze(plan: Plan, stages: list[Stage], workdir: Path) -> None:
+    for st in stages:
+        run = RunDir(workdir, st.stage_id)
+        run.write_config(st.config)
+        run.clear_error()
+        rec = read_job(workdir, st.stage_id)
+        if rec and rec.get("state") in (CANCELLED, ORPHANED):
+            job_record_path(workdir, st.stage_id).unlink()
+
+
+def launch(
+    plan: Plan, workdir: str | Path, executor: str = "auto", *, resources: ResourceProfile,
+    resource_overrides: dict[str, Any] | None = None, retry_failed: bool = False,
+    parallelism: int | None = None, progress: bool = True,
+    on_event: Callable[[str], None] | None = None,
+) -> LaunchReport:
+    """Submit what the plan still needs. Local/debug executors run it to the end before returning."""
+    workdir = Path(workdir).resolve()
+    cluster = resolve_executor(executor)
+    report = LaunchReport()
+    say = on_event or (lambda msg: print(msg, file=sys.stderr))
+    with workdir_lock(workdir):
+        statuses = stage_statuses(plan, workdir)
+        todo = select_stages(plan, statuses, retry_failed, report)
+        if not todo:
+            return report
+        _freeze(plan, todo, workdir)
+        if cluster == "slurm":
+            _submit_slurm(plan, todo, workdir, statuses, resources, resource_overrides or {}, report, say)
+            return report
+    _run_local(plan, todo, workdir, cluster, resources, resource_overrides or {}, parallelism,
+               progress, report, say)
+    return report
+
+
+def _executor(workdir: Path, cluster: str) -> submitit.AutoExecutor:
+    return submitit.AutoExecutor(folder=workdir / "submitit" / "%j", cluster=cluster)
+
+
+def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[str, StageStatus],
+                  resources: ResourceProfile, overrides: dict[str, Any], report: LaunchReport,
+                  say: Callable[[str], None]) -> None:
+    job_of: dict[str, str] = {sid: s.job_id for sid, s in statuses.items()
+                              if s.state in ACTIVE and s.job_id}
+    for level in sorted({st.level for st in todo}):
+        groups: dict[tuple[str, str | None], list[Stage]] = {}
+        for st in (s for s in todo if s.level == level):
+            parent = next((job_of[d] for d in st.deps if d in job_of), None)
+            groups.setdefault((st.kind, parent), []).append(st)
+        for (kind, parent_job), stages in groups.items():
+            res = resources.for_kind(kind, overrides)
+            params = submitit_parameters(res, "slurm")
+            params["slurm_array_parallelism"] = resources.array_parallelism
+            params["name"] = f"lxmert-{kind}"
+            if parent_job:
+                params["slurm_dependency"] = f"afterok:{parent_job}"
+            threads = res.get("cpus_per_task")
+            size = max(1, resources.max_array_size)
+            for start in range(0, len(stages), size):
+                chunk = stages[start:start + size]
+                ex = _executor(workdir, "slurm")
+                ex.update_parameters(**params)
+                try:
+                    with ex.batch():
+                        jobs = [ex.submit(StageJob(str(workdir), st.stage_id, threads)) for st in chunk]
+                except Exception as e:  # noqa: BLE001 - sbatch's own message is the useful part
+                    raise LaunchError(f"sbatch refused the {kind} array: {e}") from e
+                for st, job in zip(chunk, jobs):
+                    job_of[st.stage_id] = job.job_id
+                    report.submitted.append(st.stage_id)
+                    report.job_ids[st.stage_id] = job.job_id
+                    write_job(workdir, st.stage_id, {
+                        "executor": "slurm", "job_id": job.job_id, "folder": str(job.paths.folder),
+                        "submitted_at": _now(), "dependency": params.get("slurm_dependency"),
+                        "resources": res,
+                    })
+                say(f"submitted {len(chunk)} {kind} job(s) as array {jobs[0].job_id.split('_')[0]}"
+                    + (f" (afterok:{parent_job})" if parent_job else ""))
+
+
+def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
+               resources: ResourceProfile, overrides: dict[str, Any], parallelism: int | None,
+               progress: bool, report: LaunchReport, say: Callable[[str], None]) -> None:
+    """Run stages as local subprocesses (or in-process for debug), dependencies first."""
+    from tqdm import tqdm
+
+    cpus = os.cpu_count() or 1
+    limit = 1 if cluster == "debug" else (parallelism or resources.local_parallelism or max(1, cpus // 2))
+    pending = list(todo)
+    running: dict[str, submitit.Job] = {}
+    failed: set[str] = set()
+    bar = tqdm(total=len(todo), desc="stages", unit="stage", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        while pending or running:
+            for sid, job in list(running.items()):
+                if cluster == "debug" or job.done():
+                    del running[sid]
+                    _finish_local(workdir, sid, job, report, failed, say)
+                    bar.update(1)
+            for st in list(pending):
+                if any(d in failed or d in report.orphaned for d in st.deps):
+                    pending.remove(st)
+                    why = next(d for d in st.deps if d in failed or d in report.orphaned)
+                    report.orphaned[st.stage_id] = f"dependency {why} failed"
+                    write_job(workdir, st.stage_id, {"executor": cluster, "state": ORPHANED,
+                                                     "reason": f"dependency {why} failed",
+                                                     "time": _now()})
+                    bar.update(1)
+                    continue
+                if len(running) >= limit:
+                    break
+                if any(not RunDir(workdir, d).is_done() for d in st.deps):
+                    continue
+                res = resources.for_kind(st.kind, overrides)
+                threads = max(1, min(int(res.get("cpus_per_task") or 1), cpus))
+                ex = _executor(workdir, cluster)
+                ex.update_parameters(**submitit_parameters(res, cluster))
+                job = ex.submit(StageJob(str(workdir), st.stage_id, threads))
+                pending.remove(st)
+                running[st.stage_id] = job
+                report.submitted.append(st.stage_id)
+                report.job_ids[st.stage_id] = str(job.job_id)
+                write_job(workdir, st.stage_id, {"executor": cluster, "job_id": str(job.job_id),
+                                                 "folder": str(job.paths.folder), "submitted_at": _now()})
+                bar.set_postfix_str(st.describe()[:40])
+                if cluster == "debug":
+                    break
+            if not running and pending:
+                # nothing can start: the remaining stages wait on stages no one is running
+                for st in pending:
+                    missing = next(d for d in st.deps if not RunDir(workdir, d).is_done())
+                    report.blocked[st.stage_id] = f"depends on {missing}, which is not done"
+                break
+            if running and cluster != "debug":
+                time.sleep(0.5)
+    finally:
+        bar.close()
+
+
+def _finish_local(workdir: Path, sid: str, job: submitit.Job, report: LaunchReport,
+                  failed: set[str], say: Callable[[str], None]) -> None:
+    try:
+        job.result()
+        report.completed.append(sid)
+    except Exception as e:  # noqa: BLE001 - the stage's own error is in error.json
+        failed.add(sid)
+        report.failed.append(sid)
+        err = RunDir(workdir, sid).read_error()
+        msg = f"{err.get('type')}: {err.get('error')}" if err else str(e).strip().splitlines()[-1:]
+        say(f"stage {sid} failed: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Following, orphans, cancelling
+# ---------------------------------------------------------------------------------------------
+def cancel_orphans(plan: Plan, workdir: str | Path, statuses: dict[str, StageStatus]) -> dict[str, str]:
+    """Cancel queued stages whose dependency failed or was cancelled (Slurm would wait forever)."""
+    workdir = Path(workdir)
+    orphans: dict[str, str] = {}
+    for sid, st in statuses.items():
+        if st.state != QUEUED:
+            continue
+        bad = [d for d in plan.stages[sid].deps if statuses[d].state in (FAILED, CANCELLED, ORPHANED)]
+        if bad:
+            if st.executor == "slurm" and st.job_id:
+                subprocess.run(["scancel", str(st.job_id)], capture_output=True)
+            rec = read_job(workdir, sid) or {}
+            why = f"dependency {bad[0]} {statuses[bad[0]].state}"
+            write_job(workdir, sid, {**rec, "state": ORPHANED, "reason": why, "time": _now()})
+            st.state, st.reason = ORPHANED, why
+            orphans[sid] = why
+    return orphans
+
+
+def wait(plan: Plan, workdir: str | Path, poll_s: float = 5.0, progress: bool = True,
+         timeout_s: float | None = None) -> dict[str, StageStatus]:
+    """Follow submitted Slurm jobs until every stage is done, failed, cancelled or orphaned."""
+    from tqdm import tqdm
+
+    start = time.time()
+    bar = tqdm(total=len(plan.stages), desc="stages done", unit="stage", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        while True:
+            statuses = stage_statuses(plan, workdir)
+            cancel_orphans(plan, workdir, statuses)
+            counts: dict[str, int] = {}
+            for s in statuses.values():
+                counts[s.state] = counts.get(s.state, 0) + 1
+            bar.n = counts.get(DONE, 0)
+            bar.set_postfix_str(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+            bar.refresh()
+            if not any(s.state in ACTIVE for s in statuses.values()):
+                return statuses
+            if timeout_s is not None and time.time() - start > timeout_s:
+                raise TimeoutError(f"stages still active after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+    finally:
+        bar.close()
+
+
+def cancel(plan: Plan, workdir: str | Path) -> list[str]:
+    """Cancel every queued or running stage of the plan; returns their ids."""
+    workdir = Path(workdir)
+    statuses = stage_statuses(plan, workdir)
+    cancelled = []
+    for sid, st in statuses.items():
+        if st.state not in ACTIVE or not st.job_id:
+            continue
+        if st.executor == "slurm":
+            subprocess.run(["scancel", str(st.job_id)], capture_output=True)
+        elif str(st.job_id).isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(st.job_id), 15)
+        rec = read_job(workdir, sid) or {}
+        write_job(workdir, sid, {**rec, "state": CANCELLED, "reason": "cancelled by the user",
+                                 "time": _now()})
+        cancelled.append(sid)
+    return cancelled
+
+
+def sbatch_test_only(resources: ResourceProfile, kinds: list[str],
+                     overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """Ask Slurm whether each stage kind's request could run (``sbatch --test-only``)."""
+    out: dict[str, str] = {}
+    if not shutil.which("sbatch"):
+        return {k: "sbatch not on the PATH" for k in kinds}
+    for kind in kinds:
+        res = resources.for_kind(kind, overrides)
+        args = ["sbatch", "--test-only", f"--time={int(res.get('timeout_min', 60))}",
+                f"--cpus-per-task={int(res.get('cpus_per_task', 1))}",
+                f"--nodes={int(res.get('nodes', 1))}",
+                f"--ntasks-per-node={int(res.get('tasks_per_node', 1))}"]
+        if res.get("mem_gb"):
+            args.append(f"--mem={int(res['mem_gb'])}G")
+        if res.get("gpus_per_node"):
+            args.append(f"--gpus-per-node={int(res['gpus_per_node'])}")
+        for key in ("partition", "account", "qos", "constraint"):
+            if res.get(key):
+                args.append(f"--{key}={res[key]}")
+        proc = subprocess.run([*args, "--wrap=true"], capture_output=True, text=True)
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        out[kind] = ("ok: " if proc.returncode == 0 else "refused: ") + (msg[-1] if msg else "")
+    return out

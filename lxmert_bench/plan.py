@@ -1,0 +1,292 @@
+"""Spec -> plan: a DAG of content-hashed stages (bert? -> pretrain -> finetune per task) x seeds.
+
+Identical stages (same frozen config, same data, same code) get the same hash and are planned once,
+also across specs: the paper setup's pretraining that all three tables use is trained once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lxmert_bench import __version__
+from lxmert_bench.config import (
+    TASK_DEFAULTS,
+    BertConfig,
+    DataConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    RunConfig,
+)
+from lxmert_bench.model.config import LxmertConfig
+from lxmert_bench.spec import Spec, Variant
+from lxmert_bench.store import RunDir
+
+KIND_LEVEL = {"bert": 0, "pretrain": 1, "finetune": 2}
+PRETRAIN_SEED = 9595  # the official --seed default: one pretraining per variant unless seeded
+BERT_SEED = 0
+
+
+@dataclass
+class Stage:
+    config: RunConfig
+    deps: list[str] = field(default_factory=list)
+    users: list[tuple[str, str, int, str]] = field(default_factory=list)  # (spec, variant, seed, task)
+
+    @property
+    def stage_id(self) -> str:
+        return self.config.stage_id
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def level(self) -> int:
+        return KIND_LEVEL[self.kind]
+
+    def describe(self) -> str:
+        c = self.config
+        if c.kind == "finetune":
+            return f"finetune {c.finetune.task} seed {c.seed}"
+        if c.kind == "pretrain":
+            p = c.pretrain
+            tasks = [t for t, on in (("mlm", p.mask_lm), ("match", p.matched), ("qa", p.qa)) if on]
+            return f"pretrain [{'+'.join(tasks + list(p.visual_losses)) or 'none'}] init={p.init}"
+        return "bert (text-only MLM)"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cell-run of a report: a variant's fine-tuning on one task with one seed."""
+
+    spec: str
+    variant: str
+    seed: int
+    task: str
+    finetune: str
+    pretrain: str | None
+    bert: str | None
+
+
+@dataclass
+class Plan:
+    specs: list[Spec]
+    stages: dict[str, Stage]
+    entries: list[Entry]
+
+    def ordered(self) -> list[Stage]:
+        return sorted(self.stages.values(), key=lambda s: (s.level, s.stage_id))
+
+    def dependents(self, stage_id: str) -> list[str]:
+        """Every stage that (transitively) depends on ``stage_id``."""
+        out: list[str] = []
+        frontier = [stage_id]
+        while frontier:
+            sid = frontier.pop()
+            for st in self.stages.values():
+                if sid in st.deps and st.stage_id not in out:
+                    out.append(st.stage_id)
+                    frontier.append(st.stage_id)
+        return out
+
+    def shared(self, stage_id: str) -> bool:
+        """Used by more than one (spec, variant) pair."""
+        users = {(u[0], u[1]) for u in self.stages[stage_id].users}
+        return len(users) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+def code_version() -> str:
+    """Package version + a hash of the sources that decide a result (model, data, training, metrics)."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    files = [root / "config.py", root / "metrics.py"]
+    for sub in ("model", "data", "train"):
+        files += sorted((root / sub).rglob("*.py"))
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:8]}"
+
+
+def _split(settings: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix)}
+
+
+def apply(obj: Any, flat: dict[str, Any]) -> Any:
+    """Apply dotted overrides to a (nested) frozen dataclass."""
+    direct = {k: v for k, v in flat.items() if "." not in k}
+    nested: dict[str, dict[str, Any]] = {}
+    for k, v in flat.items():
+        if "." in k:
+            head, rest = k.split(".", 1)
+            nested.setdefault(head, {})[rest] = v
+    for head, sub in nested.items():
+        direct[head] = apply(getattr(obj, head), sub)
+    names = {f.name for f in dataclasses.fields(obj)}
+    return replace(obj, **{k: v for k, v in direct.items() if k in names})
+
+
+def _data_config(settings: dict[str, Any], workdir: Path) -> DataConfig:
+    data = apply(DataConfig(), _split(settings, "data."))
+    if data.synthetic and "data.root" not in settings:
+        root = workdir / "data" / f"synthetic-{data.synthetic_images}-{data.synthetic_seed}"
+        data = replace(data, root=str(root))
+    return data
+
+
+def data_fingerprint(data: DataConfig, needs: list[tuple[str, str]]) -> str:
+    """Fingerprint of the files a stage reads; for a synthetic benchmark, of its generator inputs."""
+    if data.synthetic:
+        try:
+            from lxmert_bench.data.synthetic import GENERATOR_VERSION
+        except ImportError:
+            GENERATOR_VERSION = "0"
+        return f"synthetic-v{GENERATOR_VERSION}-{data.synthetic_images}-{data.synthetic_seed}"
+    from lxmert_bench.data.layout import fingerprint_data_root
+
+    return fingerprint_data_root(data.root, needs)
+
+
+def data_needs(settings: dict[str, Any], tasks: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(dataset, split) pairs the stages of one variant read."""
+    needs: list[tuple[str, str]] = []
+    if settings.get("pretrain.enabled", True) or settings.get("pretrain.init") == "bert":
+        p = apply(PretrainConfig(), _split(settings, "pretrain."))
+        needs += [("lxmert", s) for s in (*p.train_splits, p.valid_split)]
+    for task in tasks:
+        ft = _finetune_config(settings, task)
+        needs += [(task, s) for s in (*ft.train_splits, ft.valid_split)]
+    return list(dict.fromkeys(needs))
+
+
+def _finetune_config(settings: dict[str, Any], task: str) -> FinetuneConfig:
+    ft = TASK_DEFAULTS[task]
+    common = {k: v for k, v in _split(settings, "finetune.").items()
+              if k.split(".")[0] not in TASK_DEFAULTS}
+    ft = apply(ft, common)
+    return apply(ft, _split(settings, f"finetune.{task}."))
+
+
+def variant_stages(
+    spec: Spec, variant: Variant, seed: int, workdir: Path, fingerprints: dict[str, str],
+    version: str,
+) -> tuple[list[Stage], Entry | None, list[Entry]]:
+    """The stages one (variant, seed) needs, and its report entries (one per task)."""
+    s = spec.settings(variant)
+    model_over = _split(s, "model.")
+    preset = model_over.pop("preset", "base")
+    model = LxmertConfig.preset(preset, **model_over)
+    data = _data_config(s, workdir)
+    key = data.root
+    if key not in fingerprints:
+        fingerprints[key] = data_fingerprint(data, data_needs(s, spec.tasks))
+    data = replace(data, fingerprint=fingerprints[key])
+    run = {k: v for k, v in _split(s, "run.").items()}
+    common = dict(model=model, data=data, code_version=version, **run)
+
+    pretrain_settings = _split(s, "pretrain.")
+    enabled = pretrain_settings.pop("enabled", True)
+    pretrain = apply(PretrainConfig(), pretrain_settings)
+    stages: list[Stage] = []
+
+    bert_stage: Stage | None = None
+    if pretrain.init == "bert" and pretrain.bert_checkpoint is None:
+        # A BERT-base-shaped text encoder (12 layers for the 9 language layers), so that both the
+        # official bottom-9 and the paper's top-9 choice are meaningful.
+        depth = max(model.l_layers, round(model.l_layers * 4 / 3))
+        bert_model = replace(model, l_layers=depth, x_layers=0, r_layers=0)
+        bert = apply(BertConfig(), _split(s, "bert."))
+        bert_stage = Stage(RunConfig(kind="bert", seed=BERT_SEED, bert=bert,
+                                     **{**common, "model": bert_model}))
+        stages.append(bert_stage)
+
+    pre_stage: Stage | None = None
+    if enabled:
+        pre_seed = seed if spec.seed_pretraining else PRETRAIN_SEED
+        pre_stage = Stage(
+            RunConfig(kind="pretrain", seed=pre_seed, pretrain=pretrain,
+                      init_from=bert_stage.stage_id if bert_stage else None, **common),
+            deps=[bert_stage.stage_id] if bert_stage else [],
+        )
+        stages.append(pre_stage)
+
+    entries: list[Entry] = []
+    for task in spec.tasks:
+        ft = _finetune_config(s, task)
+        init_from = None
+        if pre_stage is not None:
+            init_from = pre_stage.stage_id
+        elif bert_stage is not None:
+            init_from = bert_stage.stage_id
+        if pre_stage is None and pretrain.init == "bert":
+            ft = replace(ft, bert_layers=pretrain.bert_layers,
+                         init_checkpoint=pretrain.bert_checkpoint if bert_stage is None else None)
+        if pre_stage is None:
+            ft = replace(ft, load_qa_head=False)  # there is no pretrained QA head to transfer
+        fst = Stage(RunConfig(kind="finetune", seed=seed, finetune=ft, init_from=init_from, **common),
+                    deps=[init_from] if init_from else [])
+        stages.append(fst)
+        entries.append(Entry(spec.name, variant.name, seed, task, fst.stage_id,
+                             pre_stage.stage_id if pre_stage else None,
+                             bert_stage.stage_id if bert_stage else None))
+    return stages, None, entries
+
+
+def make_plan(specs: list[Spec] | Spec, workdir: str | Path) -> Plan:
+    """Expand specs into one plan; identical stages across variants, seeds and specs are merged."""
+    if isinstance(specs, Spec):
+        specs = [specs]
+    workdir = Path(workdir)
+    version = code_version()
+    fingerprints: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    entries: list[Entry] = []
+    for spec in specs:
+        for variant in spec.variants:
+            for seed in spec.seeds:
+                vstages, _, ventries = variant_stages(spec, variant, seed, workdir, fingerprints, version)
+                for st in vstages:
+                    merged = stages.setdefault(st.stage_id, st)
+                    for e in ventries:
+                        if st.stage_id in (e.finetune, e.pretrain, e.bert):
+                            user = (spec.name, e.variant, e.seed, e.task)
+                            if user not in merged.users:
+                                merged.users.append(user)
+                entries.extend(ventries)
+    return Plan(specs=list(specs), stages=stages, entries=entries)
+
+
+def check_data(plan: Plan) -> list[str]:
+    """Problems with the data the plan reads (missing root or files), named by key and path."""
+    from lxmert_bench.data.layout import check_data_root
+
+    problems: list[str] = []
+    needs_by_root: dict[str, list[tuple[str, str]]] = {}
+    for spec in plan.specs:
+        for v in spec.variants:
+            s = spec.settings(v)
+            data = apply(DataConfig(), _split(s, "data."))
+            if data.synthetic:
+                continue
+            needs_by_root.setdefault(data.root, []).extend(data_needs(s, spec.tasks))
+            if data.vocab and not Path(data.vocab).is_file():
+                problems.append(f"{spec.path}: data.vocab: {data.vocab}: file not found "
+                                f"(expected a BERT vocab.txt)")
+    for root, needs in needs_by_root.items():
+        if not Path(root).is_dir():
+            problems.append(f"data.root: {root}: directory not found (expected the LXMERT data "
+                            f"layout: vqa/, gqa/, nlvr2/, lxmert/ and the *_imgfeat/ TSVs; set it with "
+                            f"--set data.root=PATH, or use --profile demo for the synthetic benchmark)")
+            continue
+        problems += [f"data.root: {p}" for p in check_data_root(root, list(dict.fromkeys(needs)))]
+    return list(dict.fromkeys(problems))
+
+
+def stage_state(workdir: str | Path, stage_id: str) -> str:
+    return RunDir(workdir, stage_id).disk_state()

@@ -1,0 +1,547 @@
+"""Ablation specs: YAML -> a validated :class:`Spec` (profile and ``--set`` overrides applied).
+
+A spec names paired variants (each a set of dotted overrides on the paper's setup), the tasks, the
+seeds and the paper table it reproduces. Every key is checked against the run-config schema before
+anything runs; all problems are reported at once, each naming the file, line and key path.
+
+Override precedence, lowest first: the paper's defaults < profile < spec ``base`` < variant < ``--set``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lxmert_bench.config import (
+    TASK_DEFAULTS,
+    TASKS,
+    VISUAL_LOSSES,
+    BertConfig,
+    DataConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    RunConfig,
+)
+from lxmert_bench.model.config import PRESETS, LxmertConfig
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+REFERENCES = ("table3", "table4", "table5")
+EXECUTORS = ("auto", "slurm", "local", "debug")
+SPEC_KEYS = {
+    "name": "the spec's name (letters, digits, '_' or '-'); results go to results/<name>/",
+    "title": "a human title for the report",
+    "description": "free text",
+    "reference": f"the paper table it reproduces: one of {', '.join(REFERENCES)} (or null)",
+    "reference_variant": "the variant the others are tested against for significance",
+    "base": "overrides applied to every variant",
+    "variants": "a mapping of variant name -> overrides (or a list of {name, set})",
+    "tasks": f"fine-tuning tasks, a subset of {list(TASKS)}",
+    "seeds": "a list of integer seeds (fine-tuning; pretraining too with seed_pretraining)",
+    "seed_pretraining": "true: one pretraining per seed; false (default): one per variant",
+}
+PROFILE_KEYS = ("name", "description", "executor", "slurm_profile", "seeds", "overrides")
+
+
+class SpecError(Exception):
+    """A spec or profile is invalid. ``problems`` are human-readable lines naming file, line and key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers and duplicate-key detection
+# --------------------------------------------------------------------------------------------
+class _LineLoader(yaml.SafeLoader):
+    """Safe loader that refuses duplicate keys and remembers where each key path is."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path (tuple) of a composed YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = (*prefix, k.value)
+            lines[path] = k.start_mark.line + 1
+            lines.update(_key_lines(v, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            path = (*prefix, i)
+            lines[path] = v.start_mark.line + 1
+            lines.update(_key_lines(v, path))
+    return lines
+
+
+def _load_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    if not path.is_file():
+        raise SpecError([f"{path}: file not found"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError([f"{where}: invalid YAML: {problem}"]) from None
+    return data, _key_lines(node)
+
+
+class _Where:
+    """Formats 'file:line: key.path' for messages."""
+
+    def __init__(self, path: Path | str, lines: dict[tuple, int]):
+        self.path, self.lines = path, lines
+
+    def __call__(self, *keys: Any) -> str:
+        for n in range(len(keys), 0, -1):
+            if keys[:n] in self.lines:
+                return f"{self.path}:{self.lines[keys[:n]]}"
+        return str(self.path)
+
+
+# --------------------------------------------------------------------------------------------
+# The override schema: every dotted key a spec may set, with its type
+# --------------------------------------------------------------------------------------------
+def _dataclass_keys(cls: type, prefix: str) -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.update(_dataclass_keys(tp, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = tp
+    return keys
+
+
+def _build_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = {"model.preset": str}
+    schema.update(_dataclass_keys(LxmertConfig, "model."))
+    data = _dataclass_keys(DataConfig, "data.")
+    data.pop("data.fingerprint")
+    schema.update(data)
+    schema.update(_dataclass_keys(BertConfig, "bert."))
+    schema["pretrain.enabled"] = bool
+    schema.update(_dataclass_keys(PretrainConfig, "pretrain."))
+    finetune = _dataclass_keys(FinetuneConfig, "")
+    finetune.pop("task")
+    for k, tp in finetune.items():
+        schema[f"finetune.{k}"] = tp
+        for task in TASKS:
+            schema[f"finetune.{task}.{k}"] = tp
+    for k in ("log_every", "checkpoint_every", "eval_every_epoch", "device", "precision"):
+        schema[f"run.{k}"] = typing.get_type_hints(RunConfig)[k]
+    return schema
+
+
+SCHEMA: dict[str, Any] = _build_schema()
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return "a list"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _check_type(tp: Any, value: Any) -> tuple[bool, Any]:
+    """(ok, normalised value) for a value against a schema type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in args, None
+        for a in args:
+            if a is not type(None):
+                ok, v = _check_type(a, value)
+                if ok:
+                    return True, v
+        return False, value
+    if origin is typing.Literal:
+        return value in args, value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        inner = args[0] if args else Any
+        ok = all(_check_type(inner, v)[0] for v in value) if inner is not Any else True
+        return ok, tuple(value)
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _check_value(key: str, value: Any) -> str | None:
+    """Range and membership checks beyond the type; returns a problem or None."""
+    leaf = key.rsplit(".", 1)[-1]
+    if key == "model.preset" and value not in PRESETS:
+        return f"unknown model preset {value!r}; known: {sorted(PRESETS)}"
+    if leaf == "visual_losses":
+        bad = [v for v in value if v not in VISUAL_LOSSES]
+        if bad:
+            return f"unknown visual loss(es) {bad}; expected a subset of {list(VISUAL_LOSSES)}"
+        if len(set(value)) != len(value):
+            return f"repeated visual loss in {list(value)}"
+    if leaf.endswith("_rate") or leaf in ("qa_start", "warmup") or key == "pretrain.qa_start":
+        if not 0.0 <= value <= 1.0:
+            return f"must be within [0, 1], got {value}"
+    if leaf in ("lr", "batch_size", "epochs", "log_every", "checkpoint_every", "max_seq_length") or (
+        key.startswith("model.") and isinstance(value, int) and leaf not in ("x_layers", "r_layers")
+    ):
+        if isinstance(value, (int, float)) and value <= 0:
+            return f"must be positive, got {value}"
+    if leaf in ("x_layers", "r_layers", "synthetic_images", "max_steps", "image_limit"):
+        if isinstance(value, int) and value < 0:
+            return f"must not be negative, got {value}"
+    if leaf in ("weight_decay", "grad_clip") and value < 0:
+        return f"must not be negative, got {value}"
+    if key == "data.max_seq_length" and value < 3:
+        return f"must leave room for [CLS] and [SEP] and a word (>= 3), got {value}"
+    return None
+
+
+def flatten(overrides: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys (``{pretrain: {optim: {lr: 1}}}`` -> ``pretrain.optim.lr``)."""
+    flat: dict[str, Any] = {}
+    for k, v in overrides.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in SCHEMA:
+            flat.update(flatten(v, f"{key}."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def validate_overrides(
+    overrides: Any, where: _Where, path: tuple, problems: list[str]
+) -> dict[str, Any]:
+    """Check a mapping of overrides; append problems; return the normalised flat mapping."""
+    label = ".".join(str(p) for p in path)
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        problems.append(f"{where(*path)}: {label}: expected a mapping of key: value overrides, "
+                        f"got {type(overrides).__name__}")
+        return {}
+    flat = flatten(overrides)
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        loc = where(*path, *key.split(".")) if key.split(".")[0] in overrides else where(*path, key)
+        if not isinstance(key, str) or key not in SCHEMA:
+            close = difflib.get_close_matches(str(key), SCHEMA.keys(), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{loc}: {label}.{key}: unknown key{hint}")
+            continue
+        ok, norm = _check_type(SCHEMA[key], value)
+        if not ok:
+            problems.append(
+                f"{loc}: {label}.{key}: expected {_type_name(SCHEMA[key])}, got {value!r}"
+            )
+            continue
+        bad = _check_value(key, norm) if norm is not None else None
+        if bad:
+            problems.append(f"{loc}: {label}.{key}: {bad}")
+            continue
+        out[key] = norm
+    return out
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` strings -> a mapping; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SpecError([f"--set {item}: expected key=value (e.g. --set pretrain.optim.lr=5e-5)"])
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d*\.?\d+(e[-+]?\d+)?", raw.strip(), re.I):
+            value = float(raw)  # YAML 1.1 reads '5e-5' as a string
+        out[key.strip()] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str = ""
+    executor: str = "auto"
+    slurm_profile: str = "default"
+    seeds: tuple[int, ...] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def is_paper_scale(self) -> bool:
+        return self.name == "default"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | None) -> Profile:
+    name_or_path = name_or_path or "default"
+    path = Path(name_or_path)
+    if not (name_or_path.endswith((".yaml", ".yml")) and path.is_file()):
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(name_or_path, available_profiles(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise SpecError([f"--profile {name_or_path}: unknown profile{hint} "
+                             f"(known: {', '.join(available_profiles())}, or a path to a .yaml)"])
+    data, lines = _load_yaml(path)
+    where = _Where(path, lines)
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: expected a mapping at the top level"])
+    for key in data:
+        if key not in PROFILE_KEYS:
+            close = difflib.get_close_matches(str(key), PROFILE_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{where(key)}: {key}: unknown profile key{hint}")
+    executor = data.get("executor", "auto")
+    if executor not in EXECUTORS:
+        problems.append(f"{where('executor')}: executor: expected one of {list(EXECUTORS)}, got {executor!r}")
+    seeds = data.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and all(isinstance(s, int) for s in seeds)):
+        problems.append(f"{where('seeds')}: seeds: expected a list of integers, got {seeds!r}")
+    overrides = validate_overrides(data.get("overrides"), where, ("overrides",), problems)
+    if problems:
+        raise SpecError(problems)
+    return Profile(
+        name=str(data.get("name", path.stem)), description=str(data.get("description", "")),
+        executor=executor, slurm_profile=str(data.get("slurm_profile", "default")),
+        seeds=tuple(seeds) if seeds else None, overrides=overrides, path=str(path),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Specs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    title: str
+    path: str
+    variants: tuple[Variant, ...]
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    profile: Profile
+    reference: str | None = None
+    reference_variant: str | None = None
+    description: str = ""
+    seed_pretraining: bool = False
+    base: dict[str, Any] = field(default_factory=dict)
+    cli_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, variant: Variant) -> dict[str, Any]:
+        """The flat overrides in force for one variant, precedence applied."""
+        merged: dict[str, Any] = {}
+        for layer in (self.profile.overrides, self.base, variant.overrides, self.cli_overrides):
+            merged.update(layer)
+        return merged
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"{self.path}: no variant named {name!r}")
+
+
+def load_spec(
+    path: str | Path, profile: str | None = None, overrides: list[str] | None = None
+) -> Spec:
+    """Load and validate a spec; raises :class:`SpecError` listing every problem found."""
+    path = Path(path)
+    data, lines = _load_yaml(path)
+    where = _Where(path, lines)
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: expected a mapping with keys {', '.join(SPEC_KEYS)}"])
+    prof: Profile | None = None
+    try:
+        prof = load_profile(profile)
+    except SpecError as e:
+        problems.extend(e.problems)
+
+    for key in data:
+        if key not in SPEC_KEYS:
+            close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{where(key)}: {key}: unknown spec key{hint} "
+                            f"(known: {', '.join(SPEC_KEYS)})")
+
+    name = data.get("name")
+    if name is None:
+        problems.append(f"{path}: name: missing ({SPEC_KEYS['name']})")
+    elif not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        problems.append(f"{where('name')}: name: expected {SPEC_KEYS['name']}, got {name!r}")
+
+    reference = data.get("reference")
+    if reference is not None and reference not in REFERENCES:
+        problems.append(f"{where('reference')}: reference: expected one of {list(REFERENCES)} "
+                        f"or null, got {reference!r}")
+
+    tasks = data.get("tasks", list(TASKS))
+    if not isinstance(tasks, list) or not tasks:
+        problems.append(f"{where('tasks')}: tasks: expected a non-empty list, a subset of {list(TASKS)}")
+        tasks = []
+    for i, t in enumerate(tasks):
+        if t not in TASKS:
+            close = difflib.get_close_matches(str(t), TASKS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{where('tasks', i)}: tasks[{i}]: unknown task {t!r}{hint}")
+    if len(set(map(str, tasks))) != len(tasks):
+        problems.append(f"{where('tasks')}: tasks: a task is listed twice: {tasks}")
+
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in seeds
+    ):
+        problems.append(f"{where('seeds')}: seeds: expected a non-empty list of integers, got {seeds!r}")
+        seeds = []
+    elif len(set(seeds)) != len(seeds):
+        problems.append(f"{where('seeds')}: seeds: a seed is listed twice: {seeds}")
+
+    seed_pretraining = data.get("seed_pretraining", False)
+    if not isinstance(seed_pretraining, bool):
+        problems.append(f"{where('seed_pretraining')}: seed_pretraining: expected a boolean")
+
+    base = validate_overrides(data.get("base"), where, ("base",), problems)
+
+    variants: list[Variant] = []
+    raw_variants = data.get("variants")
+    if raw_variants is None:
+        problems.append(f"{path}: variants: missing ({SPEC_KEYS['variants']})")
+    elif isinstance(raw_variants, dict):
+        if not raw_variants:
+            problems.append(f"{where('variants')}: variants: empty; name at least one variant")
+        for vname, vover in raw_variants.items():
+            if not isinstance(vname, str) or not vname.strip():
+                problems.append(f"{where('variants', vname)}: variants: a variant name must be a "
+                                f"non-empty string, got {vname!r}")
+                continue
+            variants.append(Variant(vname, validate_overrides(
+                vover if vover is not None else {}, where, ("variants", vname), problems)))
+    elif isinstance(raw_variants, list):
+        seen: set[str] = set()
+        for i, item in enumerate(raw_variants):
+            if not isinstance(item, dict) or "name" not in item:
+                problems.append(f"{where('variants', i)}: variants[{i}]: expected {{name: ..., set: {{...}}}}")
+                continue
+            extra = set(item) - {"name", "set"}
+            if extra:
+                problems.append(f"{where('variants', i)}: variants[{i}]: unknown key(s) {sorted(extra)}; "
+                                f"expected 'name' and 'set'")
+            vname = item["name"]
+            if vname in seen:
+                problems.append(f"{where('variants', i)}: variants[{i}]: duplicate variant name {vname!r}")
+                continue
+            seen.add(vname)
+            variants.append(Variant(str(vname), validate_overrides(
+                item.get("set") or {}, where, ("variants", i, "set"), problems)))
+    else:
+        problems.append(f"{where('variants')}: variants: {SPEC_KEYS['variants']}")
+
+    ref_variant = data.get("reference_variant")
+    names = [v.name for v in variants]
+    if ref_variant is not None and ref_variant not in names:
+        close = difflib.get_close_matches(str(ref_variant), names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        problems.append(f"{where('reference_variant')}: reference_variant: {ref_variant!r} is not "
+                        f"a variant{hint}")
+
+    try:
+        cli = parse_set(overrides)
+    except SpecError as e:
+        problems.extend(e.problems)
+        cli = {}
+    cli = validate_overrides(cli, _Where("--set", {}), ("--set",), problems)
+
+    if problems:
+        raise SpecError(problems)
+    assert prof is not None
+    spec = Spec(
+        name=name, title=str(data.get("title") or name), path=str(path), variants=tuple(variants),
+        tasks=tuple(tasks), seeds=tuple(prof.seeds or seeds), profile=prof,
+        reference=reference, reference_variant=ref_variant or (names[-1] if names else None),
+        description=str(data.get("description", "")), seed_pretraining=seed_pretraining,
+        base=base, cli_overrides=cli,
+    )
+    _check_consistency(spec, where, problems)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _check_consistency(spec: Spec, where: _Where, problems: list[str]) -> None:
+    """Cross-key checks that only make sense once every layer is applied."""
+    for v in spec.variants:
+        s = spec.settings(v)
+        loc = where("variants", v.name)
+        preset = s.get("model.preset", "base")
+        model = PRESETS.get(preset, LxmertConfig())
+        hidden = s.get("model.hidden_size", model.hidden_size)
+        heads = s.get("model.num_attention_heads", model.num_attention_heads)
+        if hidden % heads:
+            problems.append(f"{loc}: variant {v.name!r}: model.hidden_size {hidden} is not divisible "
+                            f"by model.num_attention_heads {heads}")
+        if s.get("pretrain.init", "scratch") == "bert" and not s.get("pretrain.enabled", True):
+            pass  # 'Train + BERT': the BERT stage initialises fine-tuning directly
+        for task in spec.tasks:
+            ft = TASK_DEFAULTS[task]
+            loss = s.get(f"finetune.{task}.loss", s.get("finetune.loss", ft.loss))
+            if task == "nlvr2" and loss != "ce":
+                problems.append(f"{loc}: variant {v.name!r}: finetune.nlvr2.loss must be 'ce' "
+                                f"(NLVR2 is 2-way classification), got {loss!r}")
