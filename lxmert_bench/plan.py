@@ -290,3 +290,32 @@ def check_data(plan: Plan) -> list[str]:
 
 def stage_state(workdir: str | Path, stage_id: str) -> str:
     return RunDir(workdir, stage_id).disk_state()
+
+
+# Paper-scale reference GPU-hours (LXMERT_FACTS.md §2-3: pretraining 20 epochs ~ 8.5 days on 4 GPUs;
+# VQA ~2 h/epoch, GQA ~4 h/epoch on one GPU; NLVR2 assumed ~1.5 h/epoch), for the base model.
+REFERENCE_GPU_HOURS = {"pretrain": 4 * 8.5 * 24 / 20, "bert": 24 / 10,
+                       "vqa": 2.0, "gqa": 4.0, "nlvr2": 1.5}  # per epoch
+_BASE_PARAMS = 207_936_768
+
+
+def _param_count(m: LxmertConfig) -> int:
+    h, f = m.hidden_size, m.intermediate_size
+    layer = 4 * h * h + 2 * h * f  # attention + FFN matrices
+    xlayer = 2 * layer + 4 * h * h  # two self-att + two FFN + one shared cross-att
+    emb = (m.vocab_size + m.max_position_embeddings + m.type_vocab_size) * h
+    return (m.l_layers + m.r_layers) * layer + m.x_layers * xlayer + emb + m.visual_feat_dim * h
+
+
+def estimate_gpu_hours(config: RunConfig) -> float:
+    """A rough paper-scale estimate; 0 for the synthetic benchmark (minutes on a CPU)."""
+    if config.data.synthetic:
+        return 0.0
+    scale = _param_count(config.model) / _BASE_PARAMS
+    stage = config.stage
+    epochs = stage.optim.epochs
+    key = config.finetune.task if config.kind == "finetune" else config.kind
+    hours = REFERENCE_GPU_HOURS[key] * epochs * scale
+    if config.data.image_limit:
+        hours *= min(1.0, config.data.image_limit / 100_000)
+    return hours
