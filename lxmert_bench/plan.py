@@ -148,6 +148,8 @@ def data_fingerprint(data: DataConfig, needs: list[tuple[str, str]]) -> str:
         except ImportError:
             GENERATOR_VERSION = "0"
         return f"synthetic-v{GENERATOR_VERSION}-{data.synthetic_images}-{data.synthetic_seed}"
+    if not Path(data.root).is_dir():
+        return "missing"  # check_data() reports it before anything runs
     from lxmert_bench.data.layout import fingerprint_data_root
 
     return fingerprint_data_root(data.root, needs)
