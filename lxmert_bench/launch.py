@@ -72,9 +72,7 @@ class StageJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(self.threads)
-        env = submitit.JobEnvironment() if "SLURM_JOB_ID" in os.environ else None
-        if env is not None and env.num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # multi-task Slurm jobs: train.loop.setup_distributed exports submitit's torch environment
         from lxmert_bench.train.stages import run_stage
 
         result = run_stage(RunDir(self.workdir, self.stage_id))
