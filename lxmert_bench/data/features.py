@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ ARRAY_FIELDS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "features": (np.dtype(np.float32), (-1,)),
 }
 INT_FIELDS = ("img_h", "img_w", "num_boxes")
+_NEEDS_QUOTING = re.compile(r'[\t\r\n"]')
 
 csv.field_size_limit(sys.maxsize)
 
@@ -120,7 +122,13 @@ def write_obj_tsv(path: str | Path, items: Iterator[dict[str, Any]] | list[dict[
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         for item in items:
-            writer.writerow(encode_obj_row(item))
+            row = encode_obj_row(item)
+            # base64 and integers never need CSV quoting; joining them is ~15x faster than the csv
+            # writer's per-character scan and gives the same bytes (only img_id is checked)
+            if _NEEDS_QUOTING.search(row[0]):
+                writer.writerow(row)
+            else:
+                f.write("\t".join(row) + "\n")
             n += 1
     tmp.replace(path)
     return n
