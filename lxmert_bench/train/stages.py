@@ -1,0 +1,159 @@
+"""One stage end to end: ``run_stage(run_dir)`` reads ``config.json`` and runs a BERT, pretraining
+or fine-tuning stage, resuming from ``checkpoints/last.pt`` when present (docs/internals.md).
+
+A finished run (``result.json`` exists) is returned as is. A failure writes ``error.json`` and
+re-raises. ``result.json`` is written atomically at the very end, by rank 0 only.
+
+Also runnable as ``python -m lxmert_bench.train.stages RUN_DIR`` (and so under torchrun).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lxmert_bench import __version__
+from lxmert_bench.config import DataConfig, RunConfig
+from lxmert_bench.store import RunDir
+from lxmert_bench.train.loop import DistInfo, TrainSummary, setup_distributed, teardown_distributed
+
+
+def run_stage(run_dir: RunDir) -> dict[str, Any]:
+    """Run (or resume) the stage in ``run_dir``; return its result (also in ``result.json``)."""
+    done = run_dir.read_result()
+    if done is not None:
+        return done
+    if not run_dir.config_path.is_file():
+        raise FileNotFoundError(f"{run_dir.config_path}: no config.json; not a run directory")
+    config = run_dir.read_config()
+    info = DistInfo()
+    try:
+        info = setup_distributed(config.device)
+        started = time.perf_counter()
+        ensure_data(config.data)
+        if config.kind == "bert":
+            from lxmert_bench.train.bert import run_bert as run_kind
+        elif config.kind == "pretrain":
+            from lxmert_bench.train.pretrain import run_pretrain as run_kind
+        elif config.kind == "finetune":
+            from lxmert_bench.train.finetune import run_finetune as run_kind
+        else:
+            raise ValueError(f"{run_dir.config_path}: unknown kind {config.kind!r}; "
+                             "expected 'bert', 'pretrain' or 'finetune'")
+        part = run_kind(config, run_dir, info)
+        result = build_result(config, part, time.perf_counter() - started)
+        if info.is_main:
+            run_dir.write_result(result)
+        return result
+    except Exception as e:
+        if info.is_main:
+            run_dir.write_error({
+                "error": str(e), "type": type(e).__name__, "traceback": traceback.format_exc(),
+                "time": _now(), "stage_id": run_dir.stage_id,
+            })
+        raise
+    finally:
+        teardown_distributed(info)
+
+
+def build_result(config: RunConfig, part: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The result.json record (docs/internals.md) from a stage's own part of it."""
+    summary: TrainSummary = part.pop("summary")
+    on_gpu = summary.device.startswith("cuda")
+    num_gpus = summary.world_size if on_gpu else 0
+    # a resumed run's training/eval time includes earlier attempts (from the checkpoint)
+    total_s = max(wall_s, summary.train_s + summary.eval_s)
+    result: dict[str, Any] = {
+        "stage_id": config.stage_id, "kind": config.kind, "config_hash": config.content_hash(),
+        "seed": config.seed,
+    }
+    if config.kind == "finetune" and config.finetune is not None:
+        result["task"] = config.finetune.task
+    result.update(part)
+    result.update({
+        "steps": summary.steps, "samples": summary.samples,
+        "samples_per_s": round(summary.samples_per_s, 3),
+        "timings": {"train_s": round(summary.train_s, 3), "eval_s": round(summary.eval_s, 3),
+                    "total_s": round(total_s, 3)},
+        "device": summary.device.split(":")[0], "num_gpus": num_gpus,
+        "gpu_hours": round(num_gpus * total_s / 3600, 6), "precision": summary.precision,
+        "world_size": summary.world_size,
+        "versions": {"lxmert_bench": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "data_fingerprint": config.data.fingerprint, "code_version": config.code_version,
+        "finished_at": _now(),
+    })
+    return result
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ensure_data(data: DataConfig) -> Path:
+    """The data root; a synthetic benchmark that is missing is generated there first (once, under a
+    lock, into a temporary directory renamed into place, so no reader sees half of it)."""
+    root = Path(data.root)
+    if (root / "vocab.txt").is_file() or (root.is_dir() and not data.synthetic):
+        return root
+    if not data.synthetic:
+        raise FileNotFoundError(f"data.root {root}: directory not found (expected the LXMERT data "
+                                "layout; see docs/internals.md, or set data.synthetic: true)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = root.parent / f".{root.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (root / "vocab.txt").is_file():
+                from lxmert_bench.data.synthetic import generate_synthetic
+
+                tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                generate_synthetic(tmp, data.synthetic_images, data.synthetic_seed)
+                if root.exists():  # an empty or partial directory left by someone else
+                    shutil.rmtree(root)
+                os.rename(tmp, root)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return root
+
+
+def dependency_model(run_dir: RunDir, init_from: str) -> Path:
+    """``checkpoints/model.pt`` of the finished stage ``init_from`` ('<kind>/<hash>')."""
+    dep = run_dir.dependency(init_from)
+    path = dep.checkpoint_dir / "model.pt"
+    if not dep.is_done() or not path.is_file():
+        raise FileNotFoundError(
+            f"init_from {init_from!r}: {path} not found (that stage has not finished; "
+            f"its state is {dep.disk_state()!r})"
+        )
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m lxmert_bench.train.stages RUN_DIR", file=sys.stderr)
+        return 2
+    path = Path(args[0]).resolve()
+    if not (path / "config.json").is_file():
+        print(f"{path}: not a run directory (no config.json)", file=sys.stderr)
+        return 2
+    run_dir = RunDir(path.parents[2], f"{path.parent.name}/{path.name}")
+    result = run_stage(run_dir)
+    print(f"{run_dir.stage_id}: done, metrics {result.get('metrics')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
