@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Print which daemons of the test cluster run, the node's state and the registered cluster.
+# Exit 0 when the cluster is fully up (every daemon running, node usable), else 1.
+#
+#   bash slurm/status.sh [BASE_DIR]
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh
+source "$HERE/lib.sh" "${1:-}"
+
+print_status
+for name in "${DAEMONS[@]}"; do
+  daemon_pid "$name" >/dev/null || exit 1
+done
+node_usable
