@@ -36,15 +36,21 @@ DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)  # start order; stop goes in
 # daemon lingers as a zombie (state Z): that counts as stopped. The process name must match, so a
 # recycled PID is never mistaken for (or killed as) our daemon.
 daemon_pid() {
-  local name=$1 file=${PID_FILE[$1]} pid state comm
+  local name=$1 file=${PID_FILE[$1]} pid comm
   [[ -r $file ]] || return 1
   pid=$(tr -dc '0-9' <"$file")
   [[ -n $pid ]] || return 1
-  state=$(ps -o stat= -p "$pid" 2>/dev/null | tr -d ' ') || return 1
-  [[ -n $state && $state != Z* ]] || return 1
+  pid_alive "$pid" || return 1
   comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
   [[ $comm == "$name" ]] || return 1
   echo "$pid"
+}
+
+# A process that exists and is not a zombie.
+pid_alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null | tr -d ' ') || return 1
+  [[ -n $state && $state != Z* ]]
 }
 
 # Wait until "$@" succeeds, at most $timeout seconds (polled every 0.2 s).
@@ -54,6 +60,22 @@ wait_for() {
   local deadline=$((SECONDS + timeout))
   until "$@" >/dev/null 2>&1; do
     ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
+# Like wait_for, but gives up as soon as daemon $2 has died (allowing 3 s for its pid file), so a
+# daemon that exits at once (bad config, port taken) fails fast with its log instead of a timeout.
+wait_ready() {
+  local timeout=$1 name=$2
+  shift 2
+  local deadline=$((SECONDS + timeout)) grace=$((SECONDS + 3))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || return 1
+    if ((SECONDS >= grace)) && ! daemon_pid "$name" >/dev/null; then
+      echo "$name is not running (exited, or wrote no pid file ${PID_FILE[$name]})" >&2
+      return 1
+    fi
     sleep 0.2
   done
 }

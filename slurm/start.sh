@@ -180,11 +180,15 @@ if ! daemon_pid mariadbd >/dev/null; then
   fi
   install -d -o mysql -g mysql -m 0755 /run/mysqld "$DB_RUN"
   [[ -f ${LOG_FILE[mariadbd]} ]] || install -o mysql -g mysql -m 0640 /dev/null "${LOG_FILE[mariadbd]}"
+  # mariadbd does not daemonize itself; its pid file appears only after InnoDB is ready
   setsid mariadbd --no-defaults --user=mysql --datadir="$DB_DATA" --socket="$DB_SOCKET" \
     --pid-file="${PID_FILE[mariadbd]}" --log-error="${LOG_FILE[mariadbd]}" --skip-networking --innodb-lock-wait-timeout=900 \
     </dev/null >/dev/null 2>&1 &
+  db_launched=$!
+  db_ready_or_dead() { db_ping || ! pid_alive "$db_launched"; }
+  wait_for 60 db_ready_or_dead
 fi
-wait_for 60 db_ping || fail "MariaDB did not answer on $DB_SOCKET within 60 s" "${LOG_FILE[mariadbd]}"
+db_ping >/dev/null 2>&1 || fail "MariaDB did not come up (no answer on $DB_SOCKET)" "${LOG_FILE[mariadbd]}"
 wait_for 10 daemon_pid mariadbd || fail "MariaDB wrote no pid file ${PID_FILE[mariadbd]}" "${LOG_FILE[mariadbd]}"
 pw=$(db_password)
 db -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pw';
@@ -210,19 +214,19 @@ sacctmgr_answers() { sacctmgr -n show cluster; }
 if ! daemon_pid slurmdbd >/dev/null; then
   slurmdbd </dev/null || fail "slurmdbd did not start" "${LOG_FILE[slurmdbd]}"
 fi
-wait_for 30 sacctmgr_answers || fail "slurmdbd does not answer sacctmgr within 30 s" "${LOG_FILE[slurmdbd]}"
+wait_ready 30 slurmdbd sacctmgr_answers || fail "slurmdbd did not come up (sacctmgr gets no answer)" "${LOG_FILE[slurmdbd]}"
 
 if ! daemon_pid slurmctld >/dev/null; then
   slurmctld </dev/null || fail "slurmctld did not start" "${LOG_FILE[slurmctld]}"
 fi
-wait_for 30 scontrol ping || fail "slurmctld does not answer 'scontrol ping' within 30 s" "${LOG_FILE[slurmctld]}"
+wait_ready 30 slurmctld scontrol ping || fail "slurmctld did not come up (no answer to 'scontrol ping')" "${LOG_FILE[slurmctld]}"
 
 if ! daemon_pid slurmd >/dev/null; then
   slurmd -N localhost </dev/null || fail "slurmd did not start" "${LOG_FILE[slurmd]}"
 fi
-if ! wait_for 30 node_usable; then
+if ! wait_ready 30 slurmd node_usable; then
   sinfo -R >&2 || true
-  fail "node 'localhost' is '$(node_state)', not idle, after 30 s" "${LOG_FILE[slurmd]}"
+  fail "node 'localhost' is '$(node_state)', not idle" "${LOG_FILE[slurmd]}"
 fi
 # slurmctld registers the cluster in the accounting database when it first connects
 wait_for 30 cluster_registered ||
