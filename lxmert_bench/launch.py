@@ -390,7 +390,7 @@ def launch(
         if not todo:
             return report
         _freeze(plan, todo, workdir)
-        prepare_data(todo, progress)
+        prepare_data(todo)
         if cluster == "slurm":
             _submit_slurm(plan, todo, workdir, statuses, resources, resource_overrides or {}, report, say)
             return report
@@ -399,24 +399,13 @@ def launch(
     return report
 
 
-def prepare_data(stages: list[Stage], progress: bool = True) -> None:
-    """Generate each synthetic benchmark a plan needs once, here, rather than racing in the jobs."""
-    for root, data in {st.config.data.root: st.config.data for st in stages
-                       if st.config.data.synthetic}.items():
-        target = Path(root)
-        if (target / "vocab.txt").is_file():
-            continue
-        from lxmert_bench.data.synthetic import generate_synthetic
+def prepare_data(stages: list[Stage]) -> None:
+    """Generate each synthetic benchmark a plan needs once, here, rather than in every job."""
+    from lxmert_bench.train.stages import ensure_data
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_synthetic(tmp, images=data.synthetic_images, seed=data.synthetic_seed,
-                           progress=progress)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another launcher won the race; theirs is identical (deterministic)
-            shutil.rmtree(tmp, ignore_errors=True)
+    for data in {st.config.data.root: st.config.data for st in stages
+                 if st.config.data.synthetic}.values():
+        ensure_data(data)
 
 
 def _executor(workdir: Path, cluster: str) -> submitit.AutoExecutor:
