@@ -1,0 +1,302 @@
+"""``write_report``: run directories -> ``report.md`` + ``results.jsonl`` + PNG plots.
+
+Everything is written into a temporary directory next to the report first and then moved into
+place file by file (``report.md`` last), so a reader never sees a half-written report.
+The provenance block says where every number came from, and says loudly when they come from a
+small profile or the synthetic benchmark: those are never the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lxmert_bench import __version__
+from lxmert_bench.model.config import PRESETS
+from lxmert_bench.report.collect import (
+    ReportEntry,
+    ReportSpec,
+    collect,
+    read_configs,
+    read_curves,
+)
+from lxmert_bench.report.plots import plot_task_bars, plot_training_curves
+from lxmert_bench.report.significance import N_RESAMPLES, Comparison, compare_to_reference
+from lxmert_bench.report.tables import (
+    TASK_LABELS,
+    Summary,
+    detail_tables,
+    main_table,
+    main_table_legend,
+    markdown_table,
+    significance_table,
+)
+
+# Where the paper and the official code differ (LXMERT_FACTS.md §9): (config key, what, paper, code).
+# 'finetune.<task>.<key>' reads the fine-tuning config of that task.
+SWITCHES: tuple[tuple[str, str, Any, Any], ...] = (
+    ("pretrain.feat_loss", "RoI-feature regression loss", "l2", "smooth_l1"),
+    ("pretrain.visual_loss_weight", "visual loss weight", 1.0, round(1 / 0.15, 4)),
+    ("pretrain.label_targets", "label classification targets", "masked", "all_confidence"),
+    ("pretrain.obj_mask_mode", "object masking", "zero", "official"),
+    ("pretrain.qa_start", "image-QA loss from (fraction of epochs)", 0.5, 0.0),
+    ("bert_layers", "BERT layers used for initialisation", "top", "bottom"),
+    ("finetune.nlvr2.loss", "NLVR² head loss", "bce", "ce"),
+    ("finetune.gqa.loss", "GQA fine-tuning loss", "not stated", "bce"),
+)
+PLOT_PREFIXES = ("bars_", "curves_")
+
+
+# ------------------------------------------------------------------------------------------------
+# provenance
+# ------------------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]" if value else "[] (none)"
+    if isinstance(value, float):
+        return f"{round(value, 4):g}"
+    return str(value)
+
+
+def _by_value(per_variant: Mapping[str, Any]) -> str:
+    """'x' when all variants agree, else 'x (A, B); y (C)'."""
+    groups: dict[str, list[str]] = {}
+    for variant, value in per_variant.items():
+        groups.setdefault(_fmt(value), []).append(variant)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{v} ({', '.join(names)})" for v, names in groups.items())
+
+
+def _switch_value(key: str, configs: Mapping[str, dict[str, Any]]) -> tuple[bool, Any]:
+    """(applies, value) of one switch for one variant's configs."""
+    pre = (configs.get("pretrain") or {}).get("pretrain") or {}
+    if key == "bert_layers":
+        if pre.get("init") == "bert":
+            return True, pre.get("bert_layers")
+        for name, cfg in configs.items():
+            ft = cfg.get("finetune") or {}
+            if name.startswith("finetune/") and (str(cfg.get("init_from") or "").startswith("bert/")
+                                                 or ft.get("init_checkpoint")):
+                return True, ft.get("bert_layers")
+        return False, None
+    section, *rest = key.split(".")
+    if section == "pretrain":
+        return (True, pre[rest[0]]) if rest[0] in pre else (False, None)
+    task, field = rest
+    ft = (configs.get(f"finetune/{task}") or {}).get("finetune") or {}
+    return (True, ft[field]) if field in ft else (False, None)
+
+
+def _follows(values: set[str], paper: Any, code: Any) -> str:
+    paper, code = _fmt(paper), _fmt(code)
+    if values == {paper} and paper == code:
+        return "both"
+    if values == {paper}:
+        return "paper"
+    if values == {code}:
+        return "official code"
+    return "mixed" if len(values) > 1 else "neither"
+
+
+def switches_table(configs: Mapping[str, Mapping[str, dict[str, Any]]]) -> str:
+    rows = []
+    for key, what, paper, code in SWITCHES:
+        used = {}
+        for variant, cfgs in configs.items():
+            applies, value = _switch_value(key, cfgs)
+            if applies:
+                used[variant] = value
+        if not used:
+            continue
+        values = {_fmt(v) for v in used.values()}
+        rows.append([what, f"`{key}`", _fmt(paper), _fmt(code), _by_value(used),
+                     _follows(values, paper, code)])
+    if not rows:
+        return "_No run config.json found yet: switches unknown._"
+    headers = ["Switch", "config key", "paper", "official code", "these runs", "follows"]
+    return markdown_table(headers, rows, ["left"] * len(headers))
+
+
+def model_description(model: Mapping[str, Any]) -> str:
+    for name, preset in PRESETS.items():
+        if asdict(preset) == dict(model):
+            return f"`{name}` preset"
+    return (f"custom (hidden {model.get('hidden_size')}, layers L/R/X "
+            f"{model.get('l_layers')}/{model.get('r_layers')}/{model.get('x_layers')})")
+
+
+def _distinct(values: pd.Series) -> list[str]:
+    return [str(v) for v in dict.fromkeys(values.dropna()) if str(v)]
+
+
+def is_synthetic(spec: ReportSpec, frame: pd.DataFrame,
+                 configs: Mapping[str, Mapping[str, dict[str, Any]]]) -> bool:
+    fingerprints = _distinct(frame["data_fingerprint"])
+    from_configs = any(((c.get("data") or {}).get("synthetic") is True)
+                       for cfgs in configs.values() for c in cfgs.values())
+    return from_configs or any(f.startswith("synthetic") for f in fingerprints)
+
+
+def warning_block(spec: ReportSpec, synthetic: bool, fingerprints: Sequence[str]) -> str:
+    if spec.profile == "default" and not synthetic:
+        return ""
+    why = []
+    if spec.profile != "default":
+        why.append(f"the `{spec.profile}` profile (not the paper's setup)")
+    if synthetic:
+        fp = ", ".join(f"`{f}`" for f in fingerprints if f.startswith("synthetic")) or "synthetic"
+        why.append(f"the **synthetic** benchmark (data {fp}), not VQA / GQA / NLVR²")
+    return (
+        "> **⚠️ NOT THE PAPER'S NUMBERS.** These runs used " + " and ".join(why) + ". "
+        "They only show that every code path runs; they say nothing about LXMERT. "
+        "The *paper* columns are the published numbers, printed for the layout only: "
+        "the two are not comparable.\n"
+    )
+
+
+def provenance(spec: ReportSpec, frame: pd.DataFrame,
+               configs: Mapping[str, Mapping[str, dict[str, Any]]], synthetic: bool) -> str:
+    done = frame[frame["state"] == "done"]
+    stages = done.drop_duplicates("stage")
+    lines = [f"- **Profile:** `{spec.profile}`" + (" (the paper's setup)" if spec.profile == "default"
+                                                    else " — **not** the paper's setup")]
+    fps = _distinct(frame["data_fingerprint"])
+    data = ", ".join(f"`{f}`" for f in fps) or "unknown (no run done yet)"
+    lines.append(f"- **Data:** {'SYNTHETIC benchmark' if synthetic else 'real data'}; "
+                 f"fingerprint {data}")
+    models = {v: model_description(c["model"]) for v, cfgs in configs.items()
+              for c in list(cfgs.values())[:1] if isinstance(c.get("model"), dict)}
+    preset_note = spec.notes.get("model preset") or spec.notes.get("model_preset")
+    lines.append("- **Model:** " + (_by_value(models) if models else "unknown (no config.json yet)")
+                 + (f" (spec: {preset_note})" if preset_note else ""))
+    lines.append("- **Code version:** " + (", ".join(f"`{c}`" for c in _distinct(frame["code_version"]))
+                                             or "unknown"))
+    soft = []
+    for col, name in (("torch_version", "torch"), ("python_version", "python"),
+                      ("lxmert_bench_version", "lxmert-bench")):
+        vals = _distinct(frame[col])
+        if vals:
+            soft.append(f"{name} {', '.join(vals)}")
+    lines.append("- **Software:** " + ("; ".join(soft) or "unknown"))
+    hw = Counter()
+    for _, r in stages.iterrows():
+        gpus = r["num_gpus"] if isinstance(r["num_gpus"], (int, float)) and not pd.isna(r["num_gpus"]) else 0
+        where = f"{r['device']} × {int(gpus)} GPU" if gpus else str(r["device"])
+        hw[f"{where}, {r['precision']}"] += 1
+    lines.append("- **Hardware:** " + ("; ".join(f"{k} ({n} stages)" for k, n in hw.items())
+                                       or "unknown (no run done yet)"))
+    gpu_h = float(pd.to_numeric(stages["gpu_hours"], errors="coerce").fillna(0).sum())
+    wall_h = float(pd.to_numeric(stages["total_s"], errors="coerce").fillna(0).sum()) / 3600
+    lines.append(f"- **Compute:** {gpu_h:.2f} GPU-hours, {wall_h:.2f} h of run time, over "
+                 f"{len(stages)} finished stages (shared pretraining counted once)")
+    lines.append("- **Runs:** " + _state_summary(frame))
+    for key, value in spec.notes.items():
+        if key not in ("model preset", "model_preset"):
+            lines.append(f"- **{key}:** {_fmt(value)}")
+    return "\n".join(lines)
+
+
+def _state_summary(frame: pd.DataFrame) -> str:
+    parts = []
+    for kind, label in (("finetune", "fine-tuning"), ("pretrain", "pretraining")):
+        runs = frame[frame["kind"] == kind].drop_duplicates("stage")
+        if runs.empty:
+            continue
+        counts = Counter(runs["state"])
+        rest = ", ".join(f"{n} {s}" for s, n in counts.items() if s != "done")
+        parts.append(f"{label} {counts.get('done', 0)}/{len(runs)} done" + (f" ({rest})" if rest else ""))
+    return "; ".join(parts) or "none"
+
+
+def not_done_table(frame: pd.DataFrame) -> str:
+    runs = frame[frame["state"] != "done"].drop_duplicates("stage")
+    if runs.empty:
+        return ""
+    rows = []
+    for _, r in runs.iterrows():
+        seed = "" if pd.isna(r["seed"]) else str(r["seed"])
+        error = r["error"] if isinstance(r["error"], str) else ""
+        rows.append([r["variant"], TASK_LABELS.get(r["task"], r["task"]), seed, r["state"],
+                     f"`{r['stage']}`", error])
+    headers = ["Variant", "Task", "Seed", "State", "Stage", "Error"]
+    return markdown_table(headers, rows, ["left"] * len(headers))
+
+
+# ------------------------------------------------------------------------------------------------
+def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
+                    configs: Mapping[str, Mapping[str, dict[str, Any]]],
+                    comparisons: Mapping[tuple[str, str], Comparison],
+                    plots: Sequence[str], n_resamples: int = N_RESAMPLES) -> str:
+    """The whole report.md text (plots as relative links)."""
+    summary = Summary(frame)
+    synthetic = is_synthetic(spec, frame, configs)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"# {spec.title}", ""]
+    warning = warning_block(spec, synthetic, _distinct(frame["data_fingerprint"]))
+    if warning:
+        out += [warning]
+    out += [f"Spec `{spec.name}`; generated {now} by lxmert-bench {__version__} from the run "
+            "directories (the rows behind every number are in [`results.jsonl`](results.jsonl)).", ""]
+    out += ["## Provenance", "", provenance(spec, frame, configs, synthetic), ""]
+    out += ["### Where the paper and the official code differ", "",
+            "The choices these runs made (LXMERT_FACTS.md §9), read from their `config.json`:", "",
+            switches_table(configs), ""]
+    out += ["## Results (dev sets: VQA minival, GQA testdev, NLVR² dev)", "",
+            main_table(summary, spec, comparisons), "",
+            main_table_legend(spec, bool(comparisons)), ""]
+    if comparisons:
+        out += [f"### Significance vs. *{spec.reference_variant}*", "",
+                significance_table(comparisons), "",
+                f"Paired by seed (t-test) or by dev example (bootstrap, {n_resamples:,} resamples, "
+                "fixed seed); Δ and its 95% CI in accuracy points, variant minus reference.", ""]
+    out += ["## Details", ""]
+    for title, table in detail_tables(summary, spec).items():
+        out += [f"### {title}", "", table, ""]
+        if title.startswith("Pretraining"):
+            out += ["— : a task the variant does not train. *total* sums the losses of the tasks a "
+                    "variant trains, so it is not comparable across rows (never bold).", ""]
+    if plots:
+        out += ["## Plots", ""]
+        for name in plots:
+            out += [f"![{Path(name).stem}]({name})", ""]
+    missing = not_done_table(frame)
+    if missing:
+        out += ["## Runs not done", "", missing, ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(spec: ReportSpec, entries: Sequence[ReportEntry], workdir: str | os.PathLike,
+                 out_dir: str | os.PathLike, n_resamples: int = N_RESAMPLES) -> Path:
+    """Collect, test, tabulate and plot; write ``report.md``, ``results.jsonl`` and the PNGs into
+    ``out_dir`` (each moved into place whole, report.md last). Returns the report's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".report-tmp-"))
+    try:
+        frame = collect(entries, workdir, results_path=tmp / "results.jsonl")
+        curves = read_curves(entries, workdir)
+        configs = read_configs(entries, workdir)
+        comparisons = compare_to_reference(frame, spec, n_resamples=n_resamples)
+        pngs = plot_task_bars(frame, spec, tmp) + plot_training_curves(curves, spec, tmp)
+        text = render_markdown(spec, frame, configs, comparisons, [p.name for p in pngs],
+                               n_resamples)
+        (tmp / "report.md").write_text(text, encoding="utf-8")
+        for old in out_dir.glob("*.png"):  # plots of an earlier report that this one no longer has
+            if old.name.startswith(PLOT_PREFIXES) and not (tmp / old.name).exists():
+                old.unlink()
+        for name in [p.name for p in pngs] + ["results.jsonl", "report.md"]:
+            os.chmod(tmp / name, 0o644)  # temporary files are private; a report is for everyone
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / "report.md"

@@ -1,0 +1,239 @@
+"""Markdown tables from the collected frame: the paper's layout, mean ± std over seeds, paper beside.
+
+Every cell of a planned run is shown: a number (``mean ± std (n=K)``, sample std over the seeds
+done), a number with what is still missing (``69.90 ± 0.10 (n=2) · running (2/3 done)``), or only
+the state (``failed (0/3 done)``); a variant without runs for a task says ``— (no runs)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+from tabulate import tabulate
+
+from lxmert_bench.report.collect import MAIN_METRIC, ReportSpec
+from lxmert_bench.report.paper import paper_table, paper_value
+from lxmert_bench.report.significance import Comparison
+
+TASK_LABELS = {"vqa": "VQA", "gqa": "GQA", "nlvr2": "NLVR²"}
+METRIC_LABELS = {
+    "accuracy": "accuracy", "yes/no": "yes/no", "number": "number", "other": "other",
+    "binary": "binary", "open": "open", "consistency": "consistency",
+    "loss": "total", "mlm": "masked LM", "matched": "matching", "obj": "obj label",
+    "attr": "attr label", "feat": "RoI feat", "qa": "image QA",
+}
+DETAIL_METRICS = {
+    "vqa": ("accuracy", "yes/no", "number", "other"),
+    "gqa": ("accuracy", "binary", "open"),
+    "nlvr2": ("accuracy", "consistency"),
+    "pretrain": ("loss", "mlm", "matched", "obj", "attr", "feat", "qa"),
+}
+# worst first: the state a mixed cell names first
+NOT_DONE = ("failed", "missing", "cancelled", "running", "pending")
+SIG_MARK = "†"
+NO_RUNS = "— (no runs)"
+
+
+class Summary:
+    """Per-cell statistics of a collected frame, computed once for all tables."""
+
+    def __init__(self, frame: pd.DataFrame):
+        done = frame[frame["state"] == "done"]
+        grouped = done.groupby(["kind", "variant", "task", "metric"], sort=False)["value"]
+        self.values: dict[tuple, list[float]] = {k: list(v) for k, v in grouped}
+        runs = frame.drop_duplicates(["kind", "variant", "task", "stage"])
+        self.states: dict[tuple, Counter] = {
+            k: Counter(g["state"]) for k, g in runs.groupby(["kind", "variant", "task"], sort=False)
+        }
+        self.metrics: dict[tuple, set[str]] = {}
+        for kind, _variant, task, metric in self.values:
+            self.metrics.setdefault((kind, task), set()).add(metric)
+
+    def cell(self, kind: str, variant: str, task: str, metric: str) -> list[float]:
+        return self.values.get((kind, variant, task, metric), [])
+
+    def state(self, kind: str, variant: str, task: str) -> Counter:
+        return self.states.get((kind, variant, task), Counter())
+
+    def variants(self, spec: ReportSpec, kind: str = "finetune") -> list[str]:
+        """The spec's variants in order, then any other variant found in the runs (never dropped)."""
+        extra = [v for (k, v, _t) in self.states if k == kind and v not in spec.variants]
+        return list(dict.fromkeys([*spec.variants, *extra]))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; NaN for one value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def status_text(states: Counter) -> str:
+    """E.g. 'running (2/3 done)' or 'failed 1, pending 1 (1/3 done)'; '' when all are done."""
+    total, done = sum(states.values()), states.get("done", 0)
+    open_ = [(s, states[s]) for s in NOT_DONE if states.get(s)]
+    if not open_:
+        return ""
+    if len(open_) == 1:
+        words = open_[0][0]
+    else:
+        words = ", ".join(f"{s} {c}" for s, c in open_)
+    return f"{words} ({done}/{total} done)"
+
+
+def format_cell(values: Sequence[float], states: Counter, digits: int = 2, bold: bool = False,
+                mark: str = "") -> str:
+    """One table cell: the statistics of the seeds done and the state of the others."""
+    if not states and not values:
+        return NO_RUNS
+    status = status_text(states)
+    if not values:
+        return status or "—"
+    mean, std = mean_std(values)
+    text = f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if bold:
+        text = f"**{text}**"
+    text = f"{text}{mark} (n={len(values)})"
+    return f"{text} · {status}" if status else text
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _best(means: Mapping[str, float], higher_is_better: bool) -> set[str]:
+    finite = {k: m for k, m in means.items() if not math.isnan(m)}
+    if not finite:
+        return set()
+    target = max(finite.values()) if higher_is_better else min(finite.values())
+    return {k for k, m in finite.items() if round(m, 6) == round(target, 6)}
+
+
+def markdown_table(headers: list[str], rows: list[list[str]],
+                   align: Sequence[str] | None = None) -> str:
+    """A pipe table (GitHub Markdown); default alignment: first column left, the others right."""
+    align = tuple(align) if align is not None else ("left",) + ("right",) * (len(headers) - 1)
+    return tabulate([[_escape(c) for c in r] for r in rows], headers=[_escape(h) for h in headers],
+                    tablefmt="pipe", disable_numparse=True, colalign=align)
+
+
+def _paper_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def main_table(summary: Summary, spec: ReportSpec,
+               comparisons: Mapping[tuple[str, str], Comparison] | None = None,
+               digits: int = 2) -> str:
+    """The paper's layout: rows = variants, columns = each task's main metric (+ the paper's)."""
+    comparisons = comparisons or {}
+    variants = summary.variants(spec)
+    headers = ["Variant"]
+    for task in spec.tasks:
+        headers.append(f"{TASK_LABELS[task]} ↑")
+        if spec.reference:
+            headers.append(f"{TASK_LABELS[task]} paper")
+    best = {task: _best({v: mean_std(summary.cell("finetune", v, task, MAIN_METRIC))[0]
+                         for v in variants}, True) for task in spec.tasks}
+    rows = []
+    for v in variants:
+        name = f"{v} (ref.)" if v == spec.reference_variant else v
+        row = [name]
+        for task in spec.tasks:
+            comp = comparisons.get((v, task))
+            mark = SIG_MARK if comp is not None and comp.significant else ""
+            row.append(format_cell(summary.cell("finetune", v, task, MAIN_METRIC),
+                                   summary.state("finetune", v, task), digits,
+                                   bold=v in best[task], mark=mark))
+            if spec.reference:
+                row.append(_paper_text(paper_value(spec.reference, v, task)))
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def main_table_legend(spec: ReportSpec, has_comparisons: bool) -> str:
+    lines = [
+        "Cells: dev-set accuracy (%), mean ± sample std over the seeds done (n = seeds); "
+        "the best mean per column in **bold**; runs not done are named with their state.",
+    ]
+    if spec.reference:
+        t = paper_table(spec.reference)
+        lines.append(f"*paper*: Tan & Bansal (2019), {t.caption} ({t.split}); "
+                     "— where the paper has no such row or number.")
+    if spec.reference_variant and has_comparisons:
+        lines.append(
+            f"{SIG_MARK}: significantly different from the reference row *{spec.reference_variant}* "
+            "at 95% (two-sided; paired t-test over seeds with ≥ 3 paired seeds, otherwise a paired "
+            "bootstrap over dev examples, 10,000 resamples). See the significance table.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def significance_table(comparisons: Mapping[tuple[str, str], Comparison], digits: int = 2) -> str:
+    headers = ["Variant", "Task", "Δ vs ref. (points)", "95% CI", "p", "test", "paired", "sig."]
+    rows = []
+    for (variant, task), c in comparisons.items():
+        nan = math.isnan(c.diff)
+        ci = "—" if math.isnan(c.ci_low) else f"[{c.ci_low:+.{digits}f}, {c.ci_high:+.{digits}f}]"
+        paired = f"{c.seeds} seeds" + (f", {c.examples} examples" if c.examples else "")
+        test = c.method if not c.note else f"{c.method}: {c.note}"
+        p = "—" if math.isnan(c.p_value) else (f"{c.p_value:.3g}" if c.p_value >= 1e-4 else "<1e-4")
+        rows.append([variant, TASK_LABELS.get(task, task), "—" if nan else f"{c.diff:+.{digits}f}",
+                     ci, p, test, paired, "yes " + SIG_MARK if c.significant else "no"])
+    align = ("left", "left", "right", "right", "right", "left", "left", "left")
+    return markdown_table(headers, rows, align)
+
+
+def metric_table(summary: Summary, spec: ReportSpec, kind: str, task: str,
+                 metrics: Sequence[str] | None = None, higher_is_better: bool = True,
+                 digits: int = 2, no_bold: Sequence[str] = ()) -> str:
+    """Rows = variants, columns = ``metrics`` of ``task`` (those any run reported, in a fixed
+    order; the main metric always); best per column in bold, except in ``no_bold`` columns."""
+    present = summary.metrics.get((kind, task), set())
+    wanted = metrics if metrics is not None else DETAIL_METRICS.get(task, ())
+    cols = [m for m in wanted if m in present or m == wanted[0]]
+    cols += sorted(present - set(cols)) if metrics is None else []
+    variants = summary.variants(spec, kind) if kind == "finetune" else _pretrain_variants(summary, spec)
+    arrow = "↑" if higher_is_better else "↓"
+    headers = ["Variant", *[f"{METRIC_LABELS.get(m, m)} {arrow}" for m in cols]]
+    best = {m: set() if m in no_bold else
+            _best({v: mean_std(summary.cell(kind, v, task, m))[0] for v in variants},
+                  higher_is_better) for m in cols}
+    rows = []
+    for v in variants:
+        states = summary.state(kind, v, task)
+        if kind == "pretrain" and not states:
+            rows.append([v, *["no pretraining"] * len(cols)])
+            continue
+        rows.append([v, *[format_cell(summary.cell(kind, v, task, m), states, digits,
+                                      bold=v in best[m]) for m in cols]])
+    return markdown_table(headers, rows)
+
+
+def _pretrain_variants(summary: Summary, spec: ReportSpec) -> list[str]:
+    extra = [v for (k, v, _t) in summary.states if k in ("finetune", "pretrain")
+             and v not in spec.variants]
+    return list(dict.fromkeys([*spec.variants, *extra]))
+
+
+def pretraining_table(summary: Summary, spec: ReportSpec, digits: int = 3) -> str:
+    """Final pretraining losses (mean valid loss per task) per variant; lower is better. The total
+    sums the losses of the tasks a variant trains, so it is not compared (no bold) across rows."""
+    return metric_table(summary, spec, "pretrain", "pretrain", None, higher_is_better=False,
+                        digits=digits, no_bold=("loss",))
+
+
+def detail_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[str, str]:
+    """Title -> Markdown table: VQA per answer type, GQA, NLVR² accuracy + consistency, and the
+    pretraining losses when any variant pretrains."""
+    titles = {"vqa": "VQA per answer type", "gqa": "GQA", "nlvr2": "NLVR² accuracy and consistency"}
+    out = {titles[t]: metric_table(summary, spec, "finetune", t, None, True, digits)
+           for t in spec.tasks}
+    if any(k == "pretrain" for (k, _v, _t) in summary.states):
+        out["Pretraining losses (final validation loss per task)"] = pretraining_table(summary, spec)
+    return out
