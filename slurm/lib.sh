@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # variables are used by the scripts that source this file
 # Shared by start.sh, stop.sh and status.sh (sourced, not run).
 # Layout of the test cluster: everything it writes lives under one base directory, so wiping that
 # directory resets Slurm's state and its accounting database together (job ids never clash with

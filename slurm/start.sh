@@ -9,7 +9,7 @@
 # slurmctld and slurmd. On failure prints the end of the failing daemon's log and exits 1.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$HERE/lib.sh" "${1:-}"
 export SLURM_CONF="$SLURM_CONF_FILE"  # our own clients (sacctmgr, sinfo) read the generated file
 T0=$SECONDS

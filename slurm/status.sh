@@ -5,7 +5,7 @@
 #   bash slurm/status.sh [BASE_DIR]
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$HERE/lib.sh" "${1:-}"
 
 print_status

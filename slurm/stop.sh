@@ -9,7 +9,7 @@
 # (slurmstepd) and are picked up again by the next start, as on any Slurm node.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$HERE/lib.sh" "${1:-}"
 [[ $EUID -eq 0 ]] || { echo "slurm/stop.sh: must run as root" >&2; exit 1; }
 

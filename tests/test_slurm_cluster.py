@@ -66,7 +66,8 @@ def cluster() -> None:
     problem = _cluster_problem()
     if problem is None:
         return
-    message = f"Slurm test cluster not usable: {problem}. Start it with: bash slurm/start.sh"
+    message = (f"Slurm test cluster not usable: {problem}. Install and start it with: "
+               "bash slurm/install.sh && bash slurm/start.sh")
     if os.environ.get("LXMERT_BENCH_REQUIRE_SLURM") == "1" or shutil.which("sbatch"):
         pytest.fail(message)
     pytest.skip(message)
