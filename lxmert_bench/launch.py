@@ -145,6 +145,8 @@ def submitit_parameters(resources: dict[str, Any], cluster: str) -> dict[str, An
     for k, v in resources.items():
         if v is None:
             continue
+        if k == "max_num_timeout":
+            continue  # see _executor
         if k in generic:
             params[k] = v
         elif cluster == "slurm":
@@ -408,8 +410,13 @@ def prepare_data(stages: list[Stage]) -> None:
         ensure_data(data)
 
 
-def _executor(workdir: Path, cluster: str) -> submitit.AutoExecutor:
-    return submitit.AutoExecutor(folder=workdir / "submitit" / "%j", cluster=cluster)
+def _executor(workdir: Path, cluster: str, resources: dict[str, Any] | None = None
+              ) -> submitit.AutoExecutor:
+    kwargs: dict[str, Any] = {}
+    if cluster == "slurm" and (resources or {}).get("max_num_timeout") is not None:
+        # submitit takes this one in the constructor only, not in update_parameters()
+        kwargs["slurm_max_num_timeout"] = int(resources["max_num_timeout"])
+    return submitit.AutoExecutor(folder=workdir / "submitit" / "%j", cluster=cluster, **kwargs)
 
 
 def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[str, StageStatus],
@@ -433,7 +440,7 @@ def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[s
             size = max(1, resources.max_array_size)
             for start in range(0, len(stages), size):
                 chunk = stages[start:start + size]
-                ex = _executor(workdir, "slurm")
+                ex = _executor(workdir, "slurm", res)
                 ex.update_parameters(**params)
                 try:
                     with ex.batch():
