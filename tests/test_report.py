@@ -556,3 +556,106 @@ def test_switches_table_names_mixed_choices(table5):
     assert cell(table, "RoI-feature regression loss", "follows") == "mixed"
     assert "l2 (Label)" in cell(table, "RoI-feature regression loss", "these runs")
     assert cell(table, "NLVR² head loss", "follows") == "official code"
+
+
+def write_plan_results(plan, workdir: Path, accuracy) -> None:
+    """config.json (the planner's own) and a result.json for every stage of ``plan``."""
+    for stage in plan.stages.values():
+        run = workdir / "runs" / stage.stage_id
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(stage.config.to_json())
+        result = {"stage_id": stage.stage_id, "kind": stage.kind, "seed": stage.config.seed,
+                  "device": "cpu", "num_gpus": 0, "gpu_hours": 0.0, "precision": "fp32",
+                  "timings": {"total_s": 36.0}, "code_version": stage.config.code_version,
+                  "data_fingerprint": stage.config.data.fingerprint}
+        if stage.kind == "finetune":
+            _spec, variant, seed, task = stage.users[0]
+            result.update(task=task, metrics={"accuracy": accuracy(variant, seed, task)})
+        else:
+            result["metrics"] = {"loss": 5.0, "mlm": 2.0}
+        (run / "result.json").write_text(json.dumps(result))
+
+
+def test_table4_from_the_real_plan_with_shared_nlvr2_stages(tmp_path):
+    """The planner's entries and configs (demo profile): NLVR² 'DA' and 'FT' rows share one
+    fine-tuning stage per seed; the report shows the same numbers for both, tests them as equal,
+    counts the shared stage's compute once, and the paper's '–' as '—'."""
+    from lxmert_bench.plan import make_plan
+    from lxmert_bench.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "ablations" / "qa_pretraining.yaml", profile="demo")
+    plan = make_plan(spec, tmp_path)
+    report_spec = ReportSpec.from_spec(spec)
+    assert report_spec.profile == "demo" and report_spec.reference == "table4"
+    assert report_spec.notes["model preset"] == "tiny"
+    entries = [ReportEntry.from_plan_entry(e) for e in plan.entries]
+    base = {"vqa": 60.0, "gqa": 50.0, "nlvr2": 70.0}
+    bump = {"P20 + DA": -2.0, "P20 + FT": -1.0, "P10+QA10 + DA": -0.5, "P10+QA10 + FT": 0.0}
+
+    def accuracy(variant: str, seed: int, task: str) -> float:
+        if task == "nlvr2":  # a shared DA/FT stage: its number is the FT row's
+            variant = variant.replace("+ DA", "+ FT")
+        return base[task] + bump[variant] + seed * 0.1
+
+    write_plan_results(plan, tmp_path, accuracy)
+    frame = collect(entries, tmp_path)
+    comps = compare_to_reference(frame, report_spec)
+    text = render_markdown(report_spec, frame, read_configs(entries, tmp_path), comps, [])
+    main = next(t for t in parse_tables(text) if t[0][1] == "VQA ↑")
+    assert [r[0] for r in main[1:]] == ["P20 + DA", "P20 + FT", "P10+QA10 + DA", "P10+QA10 + FT (ref.)"]
+    nlvr = [cell(main, r, "NLVR² ↑") for r in ("P20 + DA", "P20 + FT")]
+    assert nlvr[0] == nlvr[1] == "69.10 ± 0.10† (n=3)"  # the FT stage serves both rows
+    assert cell(main, "P20 + DA", "NLVR² paper") == "—" and cell(main, "P20 + FT", "NLVR² paper") == "72.4"
+    assert cell(main, "P20 + DA", "VQA ↑") == "58.10 ± 0.10† (n=3)"
+    same = comps[("P10+QA10 + DA", "nlvr2")]
+    assert same.method == T_TEST and same.p_value == 1.0 and not same.significant
+    n_stages = len(plan.stages)
+    assert f"over {n_stages} finished stages" in text
+    assert "NOT THE PAPER'S NUMBERS" in text and "**synthetic** benchmark" in text
+    assert "- **Model:** `tiny` preset (spec: tiny)" in text
+
+
+def test_table3_from_the_real_plan_with_bert_stage_and_rows_without_pretraining(tmp_path):
+    from lxmert_bench.plan import make_plan
+    from lxmert_bench.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "ablations" / "bert_init.yaml", profile="test")
+    plan = make_plan(spec, tmp_path)
+    report_spec = ReportSpec.from_spec(spec)
+    entries = [ReportEntry.from_plan_entry(e) for e in plan.entries]
+    assert any(e.bert_stage for e in entries) and any(e.pretrain_stage is None for e in entries)
+    write_plan_results(plan, tmp_path, lambda v, s, t: 50.0 + len(v) / 10)
+    frame = collect(entries, tmp_path)
+    assert set(frame["kind"]) == {"finetune", "pretrain", "bert"}
+    text = render_markdown(report_spec, frame, read_configs(entries, tmp_path), {}, [])
+    tables = parse_tables(text)
+    main = next(t for t in tables if t[0][1] == "VQA ↑")
+    assert len(main) == 1 + 7 and cell(main, "Train + scratch", "GQA paper") == "50.0"
+    assert cell(main, "BERT + 3 CrossAtt", "VQA paper") == "66.4"
+    pre = next(t for t in tables if t[0][:2] == ["Variant", "total ↓"])
+    assert cell(pre, "Train + BERT", "total ↓") == "no pretraining"
+    assert cell(pre, "Pre-train + BERT", "total ↓") == "5.000 (n=1)"
+    switches = next(t for t in tables if t[0][0] == "Switch")
+    assert cell(switches, "BERT layers used for initialisation", "follows") == "official code"
+    assert "custom (hidden 32, layers L/R/X 2/0/1)" in text  # BERT + 1 CrossAtt's model
+    assert "text-only BERT 1/1 done" in text
+    assert f"over {len(plan.stages)} finished stages" in text
+
+
+def test_report_before_anything_finished(tmp_path):
+    """Only planned runs (config.json, nothing else): the report already says synthetic and
+    pending; with no runs at all it says so instead of inventing anything."""
+    stage = write_finetune(tmp_path, "Feat", "vqa", 0, "pending")
+    spec = ReportSpec("s", "S", ["Feat", "Label"], ["vqa"], "table5", "Feat", "demo")
+    entries = [ReportEntry("Feat", 0, "vqa", stage)]
+    frame = collect(entries, tmp_path)
+    text = render_markdown(spec, frame, read_configs(entries, tmp_path),
+                           compare_to_reference(frame, spec), [])
+    assert "NOT THE PAPER'S NUMBERS" in text and f"fingerprint `{SYNTHETIC_FP}`" in text
+    [main] = [t for t in parse_tables(text) if t[0][1] == "VQA ↑"]
+    assert cell(main, "Feat (ref.)", "VQA ↑") == "pending (0/1 done)"
+    assert cell(main, "Label", "VQA ↑") == "— (no runs)" and cell(main, "Label", "VQA paper") == "69.5"
+    out = write_report(ReportSpec("e", "E", ["A"], ["gqa"]), [], tmp_path, tmp_path / "empty")
+    empty = out.read_text()
+    assert "- **Data:** unknown" in empty and "- **Runs:** none" in empty
+    assert (tmp_path / "empty" / "results.jsonl").read_text() == ""

@@ -67,6 +67,12 @@ class ReportEntry:
     def path(self, workdir: str | os.PathLike) -> Path:
         return Path(self.run_dir) if self.run_dir is not None else stage_path(workdir, self.finetune_stage)
 
+    @classmethod
+    def from_plan_entry(cls, entry: Any, state: str | None = None) -> ReportEntry:
+        """From the planner's entry (attributes variant, seed, task, finetune, pretrain, bert)."""
+        return cls(entry.variant, entry.seed, entry.task, entry.finetune, entry.pretrain, state,
+                   None, getattr(entry, "bert", None))
+
 
 @dataclass
 class ReportSpec:
@@ -100,6 +106,23 @@ class ReportSpec:
         if self.reference_variant is not None and self.reference_variant not in self.variants:
             raise ValueError(f"{where}: 'reference_variant' {self.reference_variant!r} is not one of "
                              f"the variants {list(self.variants)}")
+
+    @classmethod
+    def from_spec(cls, spec: Any, notes: dict[str, Any] | None = None) -> ReportSpec:
+        """From a loaded ``lxmert_bench.spec.Spec`` (read by attribute, so no import cycle)."""
+        variants = [getattr(v, "name", v) for v in spec.variants]
+        auto: dict[str, Any] = {}
+        if getattr(spec, "description", ""):
+            auto["description"] = spec.description
+        auto["seeds"] = list(spec.seeds)
+        if hasattr(spec, "settings"):
+            presets = {str(spec.settings(v).get("model.preset", "base")) for v in spec.variants}
+            auto["model preset"] = ", ".join(sorted(presets))
+        if getattr(spec, "cli_overrides", None):
+            auto["overrides (--set)"] = ", ".join(f"{k}={v}" for k, v in spec.cli_overrides.items())
+        profile = getattr(spec.profile, "name", spec.profile)
+        return cls(spec.name, spec.title, variants, list(spec.tasks), spec.reference,
+                   spec.reference_variant, str(profile), {**auto, **(notes or {})})
 
 
 def stage_path(workdir: str | os.PathLike, stage_id: str) -> Path:
@@ -214,7 +237,8 @@ def _run_rows(kind: str, variant: str, seed: int | None, task: str, stage: str,
 def collect(entries: Sequence[ReportEntry], workdir: str | os.PathLike,
             results_path: str | os.PathLike | None = None) -> pd.DataFrame:
     """One row per (run, metric) for every entry's fine-tuning run, plus one per (variant,
-    pretraining stage, loss) with ``kind == 'pretrain'`` and ``task == 'pretrain'``.
+    pretraining stage, loss) with ``kind == 'pretrain'`` and ``task == 'pretrain'`` (and likewise
+    ``kind == 'bert'`` for a text-only BERT stage).
 
     Runs that are not done keep one row with ``metric`` None and their ``state`` (failed, running,
     pending, cancelled, or missing when said to be done without a result.json), so no cell is ever
@@ -222,18 +246,21 @@ def collect(entries: Sequence[ReportEntry], workdir: str | os.PathLike,
     atomically.
     """
     rows: list[tuple] = []
-    pretrain_pairs: dict[tuple[str, str], None] = {}
+    upstream: dict[tuple[str, str, str], None] = {}  # (kind, variant, stage)
     for e in entries:
         run_dir = str(e.path(workdir))
         rows += _run_rows("finetune", e.variant, e.seed, e.task, e.finetune_stage,
                           e.pretrain_stage, run_dir, e.state)
         if e.pretrain_stage:
-            pretrain_pairs[(e.variant, e.pretrain_stage)] = None
-    # a pretraining stage is read once however many variants/seeds/tasks share it
+            upstream[("pretrain", e.variant, e.pretrain_stage)] = None
+        if e.bert_stage:
+            upstream[("bert", e.variant, e.bert_stage)] = None
+    # an upstream stage is read once however many variants/seeds/tasks share it
     cache: dict[str, list[tuple]] = {}
-    for variant, stage in pretrain_pairs:
+    for kind, variant, stage in upstream:
         if stage not in cache:
-            cache[stage] = _run_rows("pretrain", "", None, "pretrain", stage, stage,
+            cache[stage] = _run_rows(kind, "", None, kind, stage,
+                                     stage if kind == "pretrain" else None,
                                      str(stage_path(workdir, stage)), None)
         rows += [(r[0], variant, *r[2:]) for r in cache[stage]]
     frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS))

@@ -139,12 +139,18 @@ def _distinct(values: pd.Series) -> list[str]:
     return [str(v) for v in dict.fromkeys(values.dropna()) if str(v)]
 
 
-def is_synthetic(spec: ReportSpec, frame: pd.DataFrame,
-                 configs: Mapping[str, Mapping[str, dict[str, Any]]]) -> bool:
-    fingerprints = _distinct(frame["data_fingerprint"])
+def fingerprints(frame: pd.DataFrame, configs: Mapping[str, Mapping[str, dict[str, Any]]]) -> list[str]:
+    """Data fingerprints of the finished runs, else of the planned ones (their config.json)."""
+    found = _distinct(frame["data_fingerprint"])
+    planned = [str((c.get("data") or {}).get("fingerprint") or "") for cfgs in configs.values()
+               for c in cfgs.values()]
+    return found or [f for f in dict.fromkeys(planned) if f]
+
+
+def is_synthetic(frame: pd.DataFrame, configs: Mapping[str, Mapping[str, dict[str, Any]]]) -> bool:
     from_configs = any(((c.get("data") or {}).get("synthetic") is True)
                        for cfgs in configs.values() for c in cfgs.values())
-    return from_configs or any(f.startswith("synthetic") for f in fingerprints)
+    return from_configs or any(f.startswith("synthetic") for f in fingerprints(frame, configs))
 
 
 def warning_block(spec: ReportSpec, synthetic: bool, fingerprints: Sequence[str]) -> str:
@@ -170,10 +176,12 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
     stages = done.drop_duplicates("stage")
     lines = [f"- **Profile:** `{spec.profile}`" + (" (the paper's setup)" if spec.profile == "default"
                                                     else " — **not** the paper's setup")]
-    fps = _distinct(frame["data_fingerprint"])
-    data = ", ".join(f"`{f}`" for f in fps) or "unknown (no run done yet)"
-    lines.append(f"- **Data:** {'SYNTHETIC benchmark' if synthetic else 'real data'}; "
-                 f"fingerprint {data}")
+    fps = fingerprints(frame, configs)
+    if fps or synthetic:
+        kind = "SYNTHETIC benchmark" if synthetic else "real data"
+        lines.append(f"- **Data:** {kind}; fingerprint " + (", ".join(f"`{f}`" for f in fps) or "unknown"))
+    else:
+        lines.append("- **Data:** unknown (no run has a config.json or result.json yet)")
     models = {v: model_description(c["model"]) for v, cfgs in configs.items()
               for c in list(cfgs.values())[:1] if isinstance(c.get("model"), dict)}
     preset_note = spec.notes.get("model preset") or spec.notes.get("model_preset")
@@ -208,7 +216,8 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
 
 def _state_summary(frame: pd.DataFrame) -> str:
     parts = []
-    for kind, label in (("finetune", "fine-tuning"), ("pretrain", "pretraining")):
+    for kind, label in (("finetune", "fine-tuning"), ("pretrain", "pretraining"),
+                        ("bert", "text-only BERT")):
         runs = frame[frame["kind"] == kind].drop_duplicates("stage")
         if runs.empty:
             continue
@@ -219,7 +228,7 @@ def _state_summary(frame: pd.DataFrame) -> str:
 
 
 def not_done_table(frame: pd.DataFrame) -> str:
-    runs = frame[frame["state"] != "done"].drop_duplicates("stage")
+    runs = frame[frame["state"] != "done"].drop_duplicates(["variant", "stage"])
     if runs.empty:
         return ""
     rows = []
@@ -239,10 +248,10 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
                     plots: Sequence[str], n_resamples: int = N_RESAMPLES) -> str:
     """The whole report.md text (plots as relative links)."""
     summary = Summary(frame)
-    synthetic = is_synthetic(spec, frame, configs)
+    synthetic = is_synthetic(frame, configs)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"# {spec.title}", ""]
-    warning = warning_block(spec, synthetic, _distinct(frame["data_fingerprint"]))
+    warning = warning_block(spec, synthetic, fingerprints(frame, configs))
     if warning:
         out += [warning]
     out += [f"Spec `{spec.name}`; generated {now} by lxmert-bench {__version__} from the run "

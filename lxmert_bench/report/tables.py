@@ -180,7 +180,8 @@ def significance_table(comparisons: Mapping[tuple[str, str], Comparison], digits
     for (variant, task), c in comparisons.items():
         nan = math.isnan(c.diff)
         ci = "—" if math.isnan(c.ci_low) else f"[{c.ci_low:+.{digits}f}, {c.ci_high:+.{digits}f}]"
-        paired = f"{c.seeds} seeds" + (f", {c.examples} examples" if c.examples else "")
+        paired = f"{c.seeds} seed{'' if c.seeds == 1 else 's'}" + (
+            f", {c.examples} examples" if c.examples else "")
         test = c.method if not c.note else f"{c.method}: {c.note}"
         p = "—" if math.isnan(c.p_value) else (f"{c.p_value:.3g}" if c.p_value >= 1e-4 else "<1e-4")
         rows.append([variant, TASK_LABELS.get(task, task), "—" if nan else f"{c.diff:+.{digits}f}",
