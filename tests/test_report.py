@@ -465,6 +465,9 @@ def test_bootstrap_needs_scores(tmp_path):
     frame = collect([ReportEntry("A", 0, "gqa", a), ReportEntry("B", 0, "gqa", b)], tmp_path)
     with pytest.raises(ValueError, match=r"dev_scores\.json: score of example 'q1' must be a number"):
         compare(frame, "B", "A", "gqa")
+    (tmp_path / "runs" / b / "predictions" / "dev_scores.json").unlink()
+    gone = compare(frame, "B", "A", "gqa")
+    assert gone.method == NONE and "dev_scores.json: not found" in gone.note and not gone.significant
 
 
 def test_statistical_helpers():

@@ -262,7 +262,7 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
             switches_table(configs), ""]
     out += ["## Results (dev sets: VQA minival, GQA testdev, NLVR² dev)", "",
             main_table(summary, spec, comparisons), "",
-            main_table_legend(spec, bool(comparisons)), ""]
+            main_table_legend(spec, bool(comparisons), n_resamples), ""]
     if comparisons:
         out += [f"### Significance vs. *{spec.reference_variant}*", "",
                 significance_table(comparisons), "",

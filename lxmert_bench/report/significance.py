@@ -154,7 +154,11 @@ def compare(frame: pd.DataFrame, variant: str, reference: str, task: str,
                           ci_low=nan, ci_high=nan, p_value=nan, significant=False,
                           note=f"fewer than {min_seeds} paired seeds and no per-example scores "
                                "(result.json predictions.scores)")
-    a, b = _paired_examples(files_a, files_b)
+    try:
+        a, b = _paired_examples(files_a, files_b)
+    except FileNotFoundError as e:  # deleted predictions: say so, keep the report
+        return Comparison(**base, method=NONE, seeds=len(seeds), examples=0, diff=diff_seeds,
+                          ci_low=nan, ci_high=nan, p_value=nan, significant=False, note=str(e))
     if len(a) == 0:
         return Comparison(**base, method=NONE, seeds=len(seeds), examples=0, diff=diff_seeds,
                           ci_low=nan, ci_high=nan, p_value=nan, significant=False,

@@ -157,7 +157,7 @@ def main_table(summary: Summary, spec: ReportSpec,
     return markdown_table(headers, rows)
 
 
-def main_table_legend(spec: ReportSpec, has_comparisons: bool) -> str:
+def main_table_legend(spec: ReportSpec, has_comparisons: bool, n_resamples: int = 10_000) -> str:
     lines = [
         "Cells: dev-set accuracy (%), mean ± sample std over the seeds done (n = seeds); "
         "the best mean per column in **bold**; runs not done are named with their state.",
@@ -170,7 +170,7 @@ def main_table_legend(spec: ReportSpec, has_comparisons: bool) -> str:
         lines.append(
             f"{SIG_MARK}: significantly different from the reference row *{spec.reference_variant}* "
             "at 95% (two-sided; paired t-test over seeds with ≥ 3 paired seeds, otherwise a paired "
-            "bootstrap over dev examples, 10,000 resamples). See the significance table.")
+            f"bootstrap over dev examples, {n_resamples:,} resamples). See the significance table.")
     return "\n".join(f"- {line}" for line in lines)
 
 
