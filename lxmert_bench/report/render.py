@@ -209,7 +209,7 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
                  f"{len(stages)} finished stages (shared pretraining counted once)")
     lines.append("- **Runs:** " + _state_summary(frame))
     for key, value in spec.notes.items():
-        if key not in ("model preset", "model_preset"):
+        if key not in ("model preset", "model_preset") and value not in (None, "", [], {}, ()):
             lines.append(f"- **{key}:** {_fmt(value)}")
     return "\n".join(lines)
 
