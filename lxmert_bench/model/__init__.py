@@ -7,12 +7,16 @@ from lxmert_bench.model.heads import (
     LxmertForQuestionAnswering,
 )
 from lxmert_bench.model.lxmert import Lxmert
+from lxmert_bench.model.weights import LoadReport, load_weights, save_weights
 
 __all__ = [
     "PRESETS",
+    "LoadReport",
     "Lxmert",
     "LxmertConfig",
     "LxmertForNLVR2",
     "LxmertForPretraining",
     "LxmertForQuestionAnswering",
+    "load_weights",
+    "save_weights",
 ]
