@@ -11,7 +11,7 @@ import binascii
 import csv
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,24 +79,59 @@ def read_obj_tsv(path: str | Path, topk: int | None = None) -> Iterator[dict[str
         for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
             if topk is not None and lineno > topk:
                 return
-            where = f"{path}:{lineno}"
-            if len(row) != len(FIELDNAMES):
-                raise FeatureFormatError(
-                    f"{where}: expected {len(FIELDNAMES)} tab-separated fields "
-                    f"({', '.join(FIELDNAMES)}), got {len(row)}"
-                )
-            item: dict[str, Any] = dict(zip(FIELDNAMES, row))
-            for key in INT_FIELDS:
+            yield decode_obj_row(row, f"{path}:{lineno}")
+
+
+def decode_obj_row(row: list[str], where: str) -> dict[str, Any]:
+    """Decode one split TSV row into an image dict; errors name ``where`` (``file:line``)."""
+    if len(row) != len(FIELDNAMES):
+        raise FeatureFormatError(
+            f"{where}: expected {len(FIELDNAMES)} tab-separated fields "
+            f"({', '.join(FIELDNAMES)}), got {len(row)}"
+        )
+    item: dict[str, Any] = dict(zip(FIELDNAMES, row))
+    for key in INT_FIELDS:
+        try:
+            item[key] = int(item[key])
+        except ValueError:
+            raise FeatureFormatError(
+                f"{where}: field '{key}' should be an integer, got {item[key][:20]!r}"
+            ) from None
+    n = item["num_boxes"]
+    for key, (dtype, trailing) in ARRAY_FIELDS.items():
+        item[key] = _decode(item[key], dtype, (n, *trailing), where, key)
+    return item
+
+
+def iter_obj_tsv_hashed(
+    path: str | Path, topk: int | None = None, on_line: Callable[[bytes], None] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Like :func:`read_obj_tsv`, yielding ``(line, item)``, and passing each raw line's bytes to
+    ``on_line`` (a hash, a progress bar) so one streaming pass both decodes and fingerprints a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: feature file not found (expected an obj36 TSV)")
+    if topk is not None and topk < 0:
+        topk = None
+
+    if topk == 0:
+        return
+
+    def lines() -> Iterator[str]:
+        with open(path, "rb") as f:
+            for physical, raw in enumerate(f, start=1):
+                if on_line is not None:
+                    on_line(raw)
                 try:
-                    item[key] = int(item[key])
-                except ValueError:
-                    raise FeatureFormatError(
-                        f"{where}: field '{key}' should be an integer, got {item[key][:20]!r}"
-                    ) from None
-            n = item["num_boxes"]
-            for key, (dtype, trailing) in ARRAY_FIELDS.items():
-                item[key] = _decode(item[key], dtype, (n, *trailing), where, key)
-            yield item
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise FeatureFormatError(f"{path}:{physical}: line is not valid UTF-8") from None
+
+    # stop right after row ``topk`` so that ``on_line`` sees exactly the rows that were read
+    for lineno, row in enumerate(csv.reader(lines(), delimiter="\t"), start=1):
+        yield lineno, decode_obj_row(row, f"{path}:{lineno}")
+        if topk is not None and lineno >= topk:
+            return
 
 
 def encode_obj_row(item: dict[str, Any]) -> list[str]:
