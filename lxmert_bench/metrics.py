@@ -1,0 +1,299 @@
+"""Task metrics as the official evaluators compute them, and the official submission formats.
+
+* VQA: answer normalisation and leave-one-out accuracy of ``vqaEval.py`` (GT-Vision-Lab/VQA,
+  current master: punctuation list with ``{ } - !``, per-type accuracies from the per-question
+  mean); and the soft-score accuracy of the official LXMERT local evaluator.
+* GQA: exact-match top-1 accuracy (the official LXMERT local evaluator).
+* NLVR2: accuracy and consistency as ``lil-lab/nlvr nlvr2/eval/metrics.py``.
+
+Per-example functions return scores in [0, 1]; aggregate metrics are percentages (0-100), the unit
+of ``result.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+from lxmert_bench.io import atomic_write_text
+
+# ---------------------------------------------------------------------------------------------
+# VQA answer normalisation (vqaEval.py)
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    # sic: the official table maps this one the wrong way round; kept for identical scores
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+                "@", "`", ",", "?", "!"]
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# The official pattern "(?!<=\d)(\.)(?!\d)" means a lookbehind but is a lookahead for "<=digit",
+# which never matches at a ".": so any period not followed by a digit goes ("5." -> "5").
+_PERIOD = re.compile(r"\.(?!\d)")
+# The official call passes re.UNICODE (= 32) positionally as sub's ``count``: at most 32 periods.
+_PERIOD_MAX = int(re.UNICODE)
+
+
+def process_punctuation(text: str) -> str:
+    """vqaEval ``processPunctuation``: a mark touching a space (or any text with a digit,digit
+    comma) is deleted, otherwise replaced by a space; periods not before a digit are deleted."""
+    out = text
+    drop_all = _COMMA_IN_NUMBER.search(text) is not None
+    for p in _PUNCTUATION:
+        # the official test looks at the input text, not at the partly cleaned one
+        if drop_all or (p + " " in text or " " + p in text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out, count=_PERIOD_MAX)
+
+
+def process_digit_article(text: str) -> str:
+    """vqaEval ``processDigitArticle``: lower-case, number words -> digits, drop articles,
+    restore apostrophes of contractions."""
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """A predicted answer as ``vqaEval.py`` cleans it before comparing with the human answers."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA accuracy
+
+
+def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """Official VQA accuracy of one answer in [0, 1]: the mean over the leave-one-out subsets of
+    the human answers of ``min(#matches / 3, 1)``. 1/2/3/4+ matching humans (of 10) give
+    0.3/0.6/0.9/1.0. Human answers get only the punctuation step, and only when they differ."""
+    if not human_answers:
+        raise ValueError("vqa_accuracy needs at least one human answer")
+    pred = normalize_vqa_answer(prediction)
+    gts = list(human_answers)
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(g) for g in gts]
+    matches = [g == pred for g in gts]
+    total = sum(matches)
+    # leaving out answer i removes its own match from the count
+    return sum(min(1.0, (total - m) / 3) for m in matches) / len(gts)
+
+
+def _check_keys(predictions: Mapping, labels: Mapping, what: str) -> None:
+    missing = [k for k in predictions if k not in labels]
+    if missing:
+        raise KeyError(f"{len(missing)} {what} prediction(s) have no label, e.g. id {missing[0]!r}")
+
+
+def vqa_example_scores(
+    predictions: Mapping[Hashable, str],
+    labels: Mapping[Hashable, Mapping[str, float]] | None = None,
+    human_answers: Mapping[Hashable, Sequence[str]] | None = None,
+) -> dict[Hashable, float]:
+    """Per-question VQA score in [0, 1]: with ``human_answers`` the official leave-one-out
+    accuracy, otherwise the soft score ``labels[qid].get(answer, 0)`` (official local)."""
+    if (labels is None) == (human_answers is None):
+        raise ValueError("give exactly one of labels (soft scores) or human_answers")
+    if human_answers is not None:
+        _check_keys(predictions, human_answers, "VQA")
+        return {q: vqa_accuracy(a, human_answers[q]) for q, a in predictions.items()}
+    _check_keys(predictions, labels, "VQA")
+    return {q: float(labels[q].get(a, 0.0)) for q, a in predictions.items()}
+
+
+def vqa_soft_accuracy(predictions: Mapping[Hashable, str],
+                      labels: Mapping[Hashable, Mapping[str, float]]) -> float:
+    """Official LXMERT ``VQAEvaluator.evaluate``: mean soft score of the predicted answers, in
+    percent, over the predicted questions (each must have a label)."""
+    scores = vqa_example_scores(predictions, labels=labels)
+    return 100.0 * sum(scores.values()) / len(scores) if scores else 0.0
+
+
+def vqa_scores(
+    predictions: Mapping[Hashable, str],
+    labels: Mapping[Hashable, Mapping[str, float]] | None = None,
+    answer_types: Mapping[Hashable, str] | None = None,
+    human_answers: Mapping[Hashable, Sequence[str]] | None = None,
+) -> dict[str, float]:
+    """``{"accuracy": …, "yes/no": …, "number": …, "other": …}`` in percent.
+
+    Soft-score accuracy from ``labels``, or official accuracy from ``human_answers``. Per-type keys
+    appear for the types in ``answer_types`` (``{qid: "yes/no" | "number" | "other"}``).
+    """
+    scores = vqa_example_scores(predictions, labels, human_answers)
+    out = {"accuracy": 100.0 * sum(scores.values()) / len(scores) if scores else 0.0}
+    if answer_types is not None:
+        by_type: dict[str, list[float]] = {}
+        for q, s in scores.items():
+            if q not in answer_types:
+                raise KeyError(f"VQA question {q!r} has no answer type")
+            by_type.setdefault(answer_types[q], []).append(s)
+        for t in sorted(by_type):
+            out[t] = 100.0 * sum(by_type[t]) / len(by_type[t])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA and NLVR2
+
+
+def gqa_example_scores(predictions: Mapping[Hashable, str],
+                       answers: Mapping[Hashable, str | Mapping[str, float]]) -> dict[Hashable, float]:
+    """1.0 when the prediction is the gold answer (a string, or an ``{answer: score}`` label as in
+    the official GQA JSONs, scored as ``label.get(prediction, 0)``), else 0.0."""
+    _check_keys(predictions, answers, "GQA")
+    out = {}
+    for q, a in predictions.items():
+        gold = answers[q]
+        out[q] = float(gold.get(a, 0.0)) if isinstance(gold, Mapping) else float(a == gold)
+    return out
+
+
+def gqa_accuracy(predictions: Mapping[Hashable, str],
+                 answers: Mapping[Hashable, str | Mapping[str, float]]) -> float:
+    """Official LXMERT local GQA evaluator: top-1 exact-match accuracy in percent."""
+    scores = gqa_example_scores(predictions, answers)
+    return 100.0 * sum(scores.values()) / len(scores) if scores else 0.0
+
+
+def gqa_scores(predictions: Mapping[Hashable, str],
+               answers: Mapping[Hashable, str | Mapping[str, float]]) -> dict[str, float]:
+    """``accuracy`` plus ``binary`` / ``open`` in percent. Binary questions are taken to be those
+    whose gold answer is yes/no (GQA's verify/logical/compare questions; the structural type
+    itself is not in the LXMERT JSONs)."""
+    scores = gqa_example_scores(predictions, answers)
+    out = {"accuracy": 100.0 * sum(scores.values()) / len(scores) if scores else 0.0}
+    groups: dict[str, list[float]] = {"binary": [], "open": []}
+    for q, s in scores.items():
+        gold = answers[q]
+        gold_answers = set(gold) if isinstance(gold, Mapping) else {gold}
+        groups["binary" if gold_answers <= {"yes", "no"} else "open"].append(s)
+    for name, values in groups.items():
+        if values:
+            out[name] = 100.0 * sum(values) / len(values)
+    return out
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()  # numpy / torch scalars from an argmax
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{what}: expected a boolean (True/False, 1/0, 'True'/'False'), got {value!r}")
+
+
+def nlvr2_group(identifier: str) -> str:
+    """The sentence an NLVR2 example belongs to: its identifier without the 3rd dash field (the
+    image-pair id), ``dev-850-0-1`` -> ``dev-850-1``."""
+    parts = identifier.split("-")
+    if len(parts) < 4:
+        raise ValueError(f"NLVR2 identifier {identifier!r} should look like split-set-pair-sentence")
+    return "-".join(parts[:2] + parts[3:])
+
+
+def nlvr2_example_scores(predictions: Mapping[str, bool | int],
+                         labels: Mapping[str, bool | int]) -> dict[str, float]:
+    missing = [k for k in labels if k not in predictions]
+    if missing:
+        raise KeyError(f"{len(missing)} NLVR2 example(s) have no prediction, e.g. {missing[0]!r}")
+    return {k: float(_as_bool(predictions[k], f"prediction for {k}") == _as_bool(v, f"label of {k}"))
+            for k, v in labels.items()}
+
+
+def nlvr2_metrics(predictions: Mapping[str, bool | int],
+                  labels: Mapping[str, bool | int]) -> dict[str, float]:
+    """Official NLVR2 ``accuracy`` (their "precision") and ``consistency`` in percent, over the
+    labelled examples (each needs a prediction). A sentence is consistent when all of its image
+    pairs are right; consistency is the share of consistent sentences."""
+    scores = nlvr2_example_scores(predictions, labels)
+    if not scores:
+        return {"accuracy": 0.0, "consistency": 0.0}
+    consistent: dict[str, bool] = {}
+    for k, s in scores.items():
+        group = nlvr2_group(k)
+        consistent[group] = consistent.get(group, True) and s == 1.0
+    return {"accuracy": 100.0 * sum(scores.values()) / len(scores),
+            "consistency": 100.0 * sum(consistent.values()) / len(consistent)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission files
+
+
+def write_vqa_predictions(path: str | os.PathLike, predictions: Mapping[Any, str]) -> None:
+    """VQA server format: ``[{"question_id": int, "answer": str}, ...]``."""
+    rows = []
+    for qid, answer in predictions.items():
+        try:
+            qid_int = int(qid)
+        except (TypeError, ValueError):
+            raise ValueError(f"VQA question_id must be an integer, got {qid!r}") from None
+        rows.append({"question_id": qid_int, "answer": str(answer)})
+    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+
+
+def write_gqa_predictions(path: str | os.PathLike, predictions: Mapping[Any, str]) -> None:
+    """GQA server format: ``[{"questionId": str, "prediction": str}, ...]``."""
+    rows = [{"questionId": str(qid), "prediction": str(answer)} for qid, answer in predictions.items()]
+    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+
+
+def write_nlvr2_predictions(path: str | os.PathLike, predictions: Mapping[str, bool | int]) -> None:
+    """NLVR2 format read by the official ``metrics.py``: CSV lines ``identifier,True|False``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for identifier, value in predictions.items():
+        if "," in identifier:
+            raise ValueError(f"NLVR2 identifier {identifier!r} contains a comma")
+        writer.writerow([identifier, str(_as_bool(value, f"prediction for {identifier}"))])
+    atomic_write_text(path, buf.getvalue())
