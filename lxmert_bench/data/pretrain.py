@@ -17,8 +17,10 @@ so an example is a pure function of its coordinates.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
+import torch
 
 IGNORE = -1  # label of positions without a target (the official ignore_index)
 
@@ -86,3 +88,102 @@ def sample_answer(label: Mapping[str, float] | None, ans2label: Callable[[str], 
         choice = int(rng.choice(len(answers), p=scores / total))
     lookup = ans2label if callable(ans2label) else ans2label.__getitem__
     return int(lookup(answers[choice]))
+
+
+def non_maskable_ids(tokenizer: Any) -> set[int]:
+    """[CLS], [SEP] and [PAD]: never masked (the official masks before adding them)."""
+    return {tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id}
+
+
+# ---------------------------------------------------------------------------------------------
+class PretrainExamples:
+    """Pretraining examples from a :class:`~lxmert_bench.data.tasks.PretrainCorpus` (the loop's
+    ``TrainData``): ``example(index, epoch, rng)`` builds one masked, possibly mismatched pair.
+
+    Only the active tasks draw randomness and change the inputs: without the MLM task words are
+    not masked, without visual losses objects are not masked, without the matching task every pair
+    is matched. (The official code masks words and objects even for tasks that are off.)
+    ``qa_from_epoch``: first 0-based epoch whose examples carry QA labels (None: never).
+    """
+
+    def __init__(self, corpus, tokenizer, *, mask_lm: bool = True, matched: bool = True,
+                 visual_losses: tuple[str, ...] = ("obj", "attr", "feat"), qa: bool = True,
+                 qa_from_epoch: int | None = 0, word_mask_rate: float = 0.15,
+                 obj_mask_rate: float = 0.15, obj_mask_mode: str = "official",
+                 label_targets: str = "all_confidence"):
+        unknown = sorted(set(visual_losses) - {"obj", "attr", "feat"})
+        if unknown:
+            raise ValueError(f"pretrain.visual_losses: unknown {unknown}; expected a subset of "
+                             "['obj', 'attr', 'feat']")
+        if label_targets not in ("all_confidence", "masked"):
+            raise ValueError(f"pretrain.label_targets: expected 'all_confidence' or 'masked', "
+                             f"got {label_targets!r}")
+        if obj_mask_mode not in ("official", "zero"):
+            raise ValueError(f"pretrain.obj_mask_mode: expected 'official' or 'zero', got {obj_mask_mode!r}")
+        self.corpus, self.tokenizer = corpus, tokenizer
+        self.mask_lm, self.matched, self.qa = mask_lm, matched, qa
+        self.visual_losses = tuple(visual_losses)
+        self.qa_from_epoch = qa_from_epoch if qa else None
+        self.word_mask_rate, self.obj_mask_rate = word_mask_rate, obj_mask_rate
+        self.obj_mask_mode, self.label_targets = obj_mask_mode, label_targets
+        self.ans2label = corpus.answer_table.ans2label
+        if matched and len(corpus.img_ids) < 2:
+            raise ValueError("pretraining with the matching task needs sentences of at least two "
+                             f"images; the corpus ({', '.join(corpus.splits)}) has "
+                             f"{len(corpus.img_ids)}")
+        self._specials = np.asarray(sorted(non_maskable_ids(tokenizer)), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def _other_sentence(self, img_id: str, rng: np.random.Generator) -> str:
+        """A sentence of a different image (resampled until the image differs, as official)."""
+        entries = self.corpus.entries
+        while True:
+            other = entries[int(rng.integers(len(entries)))]
+            if other["img_id"] != img_id:
+                return other["sent"]
+
+    def example(self, index: int, epoch: int, rng: np.random.Generator) -> dict[str, Any]:
+        entry = self.corpus.entries[index]
+        sent, is_matched = entry["sent"], 1
+        if self.matched and rng.random() < 0.5:
+            sent, is_matched = self._other_sentence(entry["img_id"], rng), 0
+        ids, attention = (np.asarray(a, dtype=np.int64) for a in self.tokenizer.encode(sent))
+        lm_labels = np.full_like(ids, IGNORE)
+        if self.mask_lm:
+            maskable = (attention == 1) & ~np.isin(ids, self._specials)
+            ids, lm_labels = mask_words(ids, maskable, rng, self.word_mask_rate,
+                                        self.tokenizer.mask_id, self.tokenizer.vocab_size)
+        img = self.corpus.features(entry["img_id"])
+        original = np.asarray(img["features"], dtype=np.float32)
+        feats, feat_mask = original, np.zeros(original.shape[0], dtype=np.float32)
+        if self.visual_losses:
+            feats, feat_mask = mask_objects(original, rng, self.obj_mask_rate, self.obj_mask_mode,
+                                            self.corpus.random_feature)
+        ans = IGNORE
+        if self.qa_from_epoch is not None and epoch >= self.qa_from_epoch and is_matched:
+            ans = sample_answer(entry["label"], self.ans2label, rng)
+        out: dict[str, Any] = {
+            "input_ids": ids, "attention_mask": attention, "feats": feats,
+            "boxes": np.asarray(img["boxes"], dtype=np.float32),
+            "masked_lm_labels": lm_labels, "matched_label": np.int64(is_matched),
+            "ans": np.int64(ans), "feat_mask": feat_mask,
+        }
+        if "obj" in self.visual_losses:
+            out["obj_labels"] = np.asarray(img["objects_id"], dtype=np.int64)
+            out["obj_weights"] = self._weights(img["objects_conf"], feat_mask)
+        if "attr" in self.visual_losses:
+            out["attr_labels"] = np.asarray(img["attrs_id"], dtype=np.int64)
+            out["attr_weights"] = self._weights(img["attrs_conf"], feat_mask)
+        if "feat" in self.visual_losses:
+            out["feat_labels"] = original
+        return out
+
+    def _weights(self, confidences: np.ndarray, feat_mask: np.ndarray) -> np.ndarray:
+        if self.label_targets == "all_confidence":  # official: every box, by detector confidence
+            return np.asarray(confidences, dtype=np.float32)
+        return feat_mask  # the paper: masked boxes only
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}

@@ -128,18 +128,6 @@ def ensure_data(data: DataConfig) -> Path:
     return root
 
 
-def dependency_model(run_dir: RunDir, init_from: str) -> Path:
-    """``checkpoints/model.pt`` of the finished stage ``init_from`` ('<kind>/<hash>')."""
-    dep = run_dir.dependency(init_from)
-    path = dep.checkpoint_dir / "model.pt"
-    if not dep.is_done() or not path.is_file():
-        raise FileNotFoundError(
-            f"init_from {init_from!r}: {path} not found (that stage has not finished; "
-            f"its state is {dep.disk_state()!r})"
-        )
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

@@ -1,0 +1,314 @@
+"""Fine-tuning and evaluation on VQA, GQA and NLVR² (LXMERT_FACTS.md §3, §5).
+
+- VQA: BCE-with-logits on the soft scores, x the number of answers (the official scaling);
+- GQA: the same BCE on one-hot targets by default, CE on the argmax with ``loss="ce"``;
+- NLVR²: the pair head, 2-way CE.
+
+Starting weights: a pretraining stage's ``model.pt`` (backbone, plus the QA head transferred row by
+row through the answer table when ``load_qa_head``: unmapped answers get zero rows, as official), a
+BERT stage (language layers only), a checkpoint file (``init_checkpoint``), or scratch.
+After each epoch the dev split is evaluated with :mod:`lxmert_bench.metrics`; the best epoch's
+weights (``checkpoints/best.pt``), its predictions in the official submission format and
+``predictions/dev_scores.json`` are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lxmert_bench import metrics as M
+from lxmert_bench.config import FinetuneConfig, RunConfig
+from lxmert_bench.data.answers import AnswerTable, qa_head_transfer_rows
+from lxmert_bench.io import atomic_write_json
+from lxmert_bench.model import LxmertForNLVR2, LxmertForQuestionAnswering
+from lxmert_bench.store import RunDir
+from lxmert_bench.train.common import dependency_model, load_tokenizer
+from lxmert_bench.train.loop import (
+    DistInfo,
+    EvalResult,
+    LoopSettings,
+    atomic_torch_save,
+    autocast,
+    iterate_batches,
+    seed_all,
+    select_device,
+    select_precision,
+    to_device,
+    train,
+)
+
+QA_TASKS = ("vqa", "gqa")
+PREDICTION_FILES = {"vqa": "dev_predict.json", "gqa": "dev_predict.json", "nlvr2": "dev_predict.csv"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+class TaskExamples:
+    """A task dataset as the loop's ``TrainData`` (fine-tuning examples draw no randomness)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def example(self, index: int, epoch: int, rng: np.random.Generator) -> dict[str, Any]:
+        return self.dataset[index]
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from lxmert_bench.data.tasks import collate
+
+        return collate(examples)
+
+
+class AugmentedQA(torch.utils.data.Dataset):
+    """Table 4's "DA": the task's questions plus the pretraining corpus's questions from the other
+    QA sources whose answers are in the task's answer table (targets keep their soft scores)."""
+
+    def __init__(self, task_data: Any, corpus: Any, task: str, tokenizer: Any):
+        self.task_data, self.corpus, self.tokenizer = task_data, corpus, tokenizer
+        self.extra: list[tuple[dict[str, Any], dict[str, float]]] = []
+        a2l = task_data.ans2label
+        for entry in corpus.entries:
+            if entry["source"] == task or not entry["label"]:
+                continue
+            label = {a: s for a, s in entry["label"].items() if a in a2l}
+            if label:
+                self.extra.append((entry, label))
+
+    def __len__(self) -> int:
+        return len(self.task_data) + len(self.extra)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < len(self.task_data):
+            return self.task_data[i]
+        entry, label = self.extra[i - len(self.task_data)]
+        ids, mask = self.tokenizer.encode(entry["sent"])
+        img = self.corpus.features(entry["img_id"])
+        item = {
+            "question_id": entry["uid"], "img_id": entry["img_id"],
+            "input_ids": torch.as_tensor(ids, dtype=torch.long),
+            "attention_mask": torch.as_tensor(mask, dtype=torch.long),
+            "feats": torch.from_numpy(np.array(img["features"], dtype=np.float32)),
+            "boxes": torch.from_numpy(np.array(img["boxes"], dtype=np.float32)),
+            "target": self.task_data.target(label),
+        }
+        if self.task_data.task == "vqa":
+            item["answer_type"] = ""
+        return item
+
+
+def load_datasets(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
+    from lxmert_bench.data.tasks import GQADataset, NLVR2Dataset, PretrainCorpus, VQADataset
+
+    ft = config.finetune
+    assert ft is not None
+    classes = {"vqa": VQADataset, "gqa": GQADataset, "nlvr2": NLVR2Dataset}
+    if ft.task not in classes:
+        raise ValueError(f"finetune.task: unknown task {ft.task!r}; expected one of {sorted(classes)}")
+    cls = classes[ft.task]
+    root, limit = config.data.root, config.data.image_limit
+    train_data = cls(root, ft.train_splits, tokenizer, image_limit=limit)
+    dev_data = cls(root, [ft.valid_split], tokenizer, image_limit=limit)
+    if ft.data_augmentation:
+        if ft.task not in QA_TASKS:
+            raise ValueError(f"finetune.data_augmentation: only for VQA and GQA, not {ft.task!r}")
+        pre = config.pretrain.train_splits if config.pretrain else ("mscoco_train", "mscoco_nominival", "vgnococo")
+        train_data = AugmentedQA(train_data, PretrainCorpus(root, pre, image_limit=limit), ft.task, tokenizer)
+    if len(train_data) == 0:
+        raise ValueError(f"{ft.task} {list(ft.train_splits)} under {root}: no example has image features")
+    if len(dev_data) == 0:
+        raise ValueError(f"{ft.task} {ft.valid_split} under {root}: no example has image features")
+    return train_data, dev_data
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and starting weights
+# ---------------------------------------------------------------------------------------------
+def build_model(config: RunConfig, num_answers: int | None) -> nn.Module:
+    assert config.finetune is not None
+    if config.finetune.task == "nlvr2":
+        return LxmertForNLVR2(config.model)
+    assert num_answers is not None
+    return LxmertForQuestionAnswering(config.model, num_answers)
+
+
+def transfer_qa_head(model: nn.Module, source: str | Path, label2ans: list[str],
+                     table: AnswerTable) -> dict[str, int]:
+    """The official ``load_lxmert_qa``: copy the pretrained answer MLP, and for the last layer the
+    row of each task answer found in the pretraining answer table; other rows become zero."""
+    from lxmert_bench.model.weights import read_state_dict
+
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(source).items()}
+    prefix = "answer_head.logit_fc."
+    if f"{prefix}3.weight" not in state:
+        raise ValueError(f"{source}: no pretrained QA head ({prefix}*); set finetune.load_qa_head: false")
+    src_rows = state[f"{prefix}3.weight"].shape[0]
+    if src_rows != len(table):
+        raise ValueError(f"{source}: the QA head has {src_rows} answers but the answer table "
+                         f"lxmert/all_ans.json has {len(table)}; they must match")
+    head = model.logit_fc
+    task_rows, pre_rows = qa_head_transfer_rows(label2ans, table)
+    with torch.no_grad():
+        for i in (0, 2):
+            head[i].weight.copy_(state[f"{prefix}{i}.weight"])
+            head[i].bias.copy_(state[f"{prefix}{i}.bias"])
+        w, b = torch.zeros_like(head[3].weight), torch.zeros_like(head[3].bias)
+        w[task_rows] = state[f"{prefix}3.weight"][pre_rows].to(w.dtype)
+        b[task_rows] = state[f"{prefix}3.bias"][pre_rows].to(b.dtype)
+        head[3].weight.copy_(w)
+        head[3].bias.copy_(b)
+    return {"mapped": len(task_rows), "unmapped": len(label2ans) - len(task_rows)}
+
+
+def initialise(model: nn.Module, config: RunConfig, run_dir: RunDir,
+               label2ans: list[str] | None) -> dict[str, Any]:
+    """Load the starting weights; returns what was loaded (for result.json)."""
+    from lxmert_bench.model.weights import load_weights
+
+    ft = config.finetune
+    assert ft is not None
+    if config.init_from:
+        source: str | None = str(dependency_model(run_dir, config.init_from))
+        from_kind = config.init_from.split("/")[0]
+    elif ft.init_checkpoint:
+        source, from_kind = ft.init_checkpoint, "checkpoint"
+    else:
+        return {"init": "scratch"}
+    # backbone names only: the pretraining heads (cls.*, obj_predict_head.*, answer_head.*) are
+    # left out; bert_layers matters only for a BERT source
+    report = load_weights(model, source, bert_layers=ft.bert_layers)
+    info: dict[str, Any] = {"init": config.init_from or source, "loaded_tensors": len(report.loaded)}
+    if not any(n.startswith("bert.encoder.layer.") for n in report.loaded):
+        raise ValueError(f"{source}: no language-encoder weight was loaded ({report.source_format} "
+                         "checkpoint); is it an LXMERT or BERT checkpoint?")
+    if ft.load_qa_head and ft.task in QA_TASKS and from_kind != "bert":
+        assert label2ans is not None
+        table = AnswerTable.from_root(config.data.root)
+        info["qa_head"] = transfer_qa_head(model, source, label2ans, table)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and evaluation
+# ---------------------------------------------------------------------------------------------
+def task_loss(task: str, logits: torch.Tensor, batch: dict[str, Any], loss_kind: str) -> torch.Tensor:
+    logits = logits.float()
+    if task == "nlvr2":
+        return F.cross_entropy(logits, batch["label"])
+    target = batch["target"].float()
+    n = logits.shape[1]
+    if loss_kind == "ce":  # official --mceLoss: CE on the best answer, x N like the BCE
+        return F.cross_entropy(logits, target.argmax(1)) * n
+    return F.binary_cross_entropy_with_logits(logits, target) * n
+
+
+def forward_task(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    return model(batch["input_ids"], batch["attention_mask"], batch["feats"], batch["boxes"])
+
+
+def predict(model: nn.Module, dev: TaskExamples, task: str, label2ans: list[str] | None,
+            batch_size: int, device: torch.device, precision: str) -> dict[Any, Any]:
+    """{example id: prediction} (an answer string, or a bool for NLVR²)."""
+    model.eval()
+    n = len(dev)
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    out: dict[Any, Any] = {}
+    with torch.no_grad():
+        for batch in iterate_batches(dev, batches, 0, 0):
+            ids = batch["identifier"] if task == "nlvr2" else batch["question_id"]
+            with autocast(device, precision):
+                logits = forward_task(model, to_device(batch, device))
+            best = logits.float().argmax(1).tolist()
+            for k, b in zip(ids, best):
+                out[k] = bool(b) if task == "nlvr2" else label2ans[b]
+    return out
+
+
+def score(task: str, predictions: dict[Any, Any], dev_data: Any) -> tuple[dict[str, float], dict[Any, float]]:
+    """(metrics in percent, {example id: score in [0, 1]})."""
+    raw = dev_data.raw_examples
+    if task == "nlvr2":
+        labels = {d["identifier"]: int(d["label"]) for d in raw if "label" in d}
+        return M.nlvr2_metrics(predictions, labels), M.nlvr2_example_scores(predictions, labels)
+    labels = {d["question_id"]: d.get("label", {}) for d in raw}
+    if task == "vqa":
+        types = {d["question_id"]: d.get("answer_type", "other") for d in raw}
+        return (M.vqa_scores(predictions, labels, answer_types=types),
+                M.vqa_example_scores(predictions, labels=labels))
+    return M.gqa_scores(predictions, labels), M.gqa_example_scores(predictions, labels)
+
+
+def write_predictions(run_dir: RunDir, task: str, predictions: dict[Any, Any],
+                      scores: dict[Any, float]) -> dict[str, str]:
+    folder = run_dir.predictions_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    name = PREDICTION_FILES[task]
+    writer = {"vqa": M.write_vqa_predictions, "gqa": M.write_gqa_predictions,
+              "nlvr2": M.write_nlvr2_predictions}[task]
+    writer(folder / name, predictions)
+    atomic_write_json(folder / "dev_scores.json", {str(k): v for k, v in scores.items()}, indent=None)
+    return {"dev": f"predictions/{name}", "scores": "predictions/dev_scores.json"}
+
+
+# ---------------------------------------------------------------------------------------------
+def run_finetune(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str, Any]:
+    ft: FinetuneConfig | None = config.finetune
+    if ft is None:
+        raise ValueError(f"{run_dir.config_path}: kind 'finetune' needs a 'finetune' section")
+    if ft.loss not in ("bce", "ce"):
+        raise ValueError(f"finetune.loss: expected 'bce' or 'ce', got {ft.loss!r}")
+    seed_all(config.seed)
+    tokenizer = load_tokenizer(config.data)
+    train_data, dev_data = load_datasets(config, tokenizer)
+    label2ans = None if ft.task == "nlvr2" else dev_data.label2ans
+    model = build_model(config, None if label2ans is None else len(label2ans))
+    init = initialise(model, config, run_dir, label2ans)
+
+    device = select_device(config.device, info)
+    precision = select_precision(config.precision, device)
+    dev = TaskExamples(dev_data)
+    eval_batch = max(ft.optim.batch_size, 64)
+
+    def step(m: nn.Module, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        loss = task_loss(ft.task, forward_task(m, batch), batch, ft.loss)
+        return {"loss": loss, "losses": {ft.task: loss}}
+
+    def evaluate(m: nn.Module, epoch: int) -> EvalResult:
+        predictions = predict(m, dev, ft.task, label2ans, eval_batch, device, precision)
+        metrics, scores = score(ft.task, predictions, dev_data)
+        return EvalResult(metrics, (predictions, scores))
+
+    files: dict[str, str] = {}
+
+    def on_best(m: nn.Module, epoch: int, result: EvalResult) -> None:
+        atomic_torch_save(m.state_dict(), run_dir.checkpoint_dir / "best.pt")
+        files.update(write_predictions(run_dir, ft.task, *result.payload))
+
+    settings = LoopSettings(
+        seed=config.seed, optim=ft.optim, checkpoint_dir=run_dir.checkpoint_dir,
+        log_path=run_dir.log_path, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, device=config.device,
+        precision=config.precision, num_workers=config.data.num_workers,
+        select_metric="accuracy", select_mode="max", eval_split=ft.valid_split,
+        eval_every_epoch=True,  # the best epoch is chosen on dev
+        desc=f"finetune {ft.task} {config.content_hash()}",
+    )
+    summary = train(model, TaskExamples(train_data), step, settings, evaluate=evaluate,
+                    on_best=on_best, dist_info=info)
+    if not files:  # resumed after the best epoch was written
+        name = PREDICTION_FILES[ft.task]
+        files = {"dev": f"predictions/{name}", "scores": "predictions/dev_scores.json"}
+    return {
+        "metrics": summary.best_metrics or {}, "last_metrics": summary.last_metrics or {},
+        "best_epoch": summary.best_epoch, "history": summary.history, "predictions": files,
+        "train_examples": len(train_data), "dev_examples": len(dev_data), **init,
+        "summary": summary,
+    }

@@ -1,0 +1,203 @@
+"""LXMERT pretraining stage (LXMERT_FACTS.md §2): the five tasks, each switchable.
+
+Masked LM, image-sentence matching, masked-object prediction (detected label ``obj``, attribute
+``attr``, RoI feature ``feat``) and image QA, summed (visual losses x 1/0.15, QA x ``qa_weight``),
+BertAdam with warm-up 0.05 and gradient clipping 1.0. QA labels start at epoch
+``round(qa_start * epochs)`` (0-based; with ``max_steps`` the epochs that steps cover).
+Each epoch ends with the validation losses per task on ``valid_split``; the stage writes
+``checkpoints/model.pt`` (final weights, official names) for the stages that start from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from lxmert_bench.config import PretrainConfig, RunConfig
+from lxmert_bench.data.pretrain import PretrainExamples
+from lxmert_bench.model import LxmertForPretraining
+from lxmert_bench.store import RunDir
+from lxmert_bench.train.loop import (
+    VALID_STREAM,
+    DistInfo,
+    EvalResult,
+    LoopSettings,
+    autocast,
+    batch_size_of,
+    iterate_batches,
+    seed_all,
+    select_device,
+    select_precision,
+    steps_per_epoch,
+    to_device,
+    train,
+)
+
+
+def active_tasks(p: PretrainConfig) -> list[str]:
+    """The losses this configuration trains, in the official order."""
+    tasks = (["mlm"] if p.mask_lm else []) + (["matched"] if p.matched else [])
+    tasks += [v for v in ("obj", "attr", "feat") if v in p.visual_losses]
+    return tasks + (["qa"] if p.qa else [])
+
+
+def qa_start_epoch(p: PretrainConfig, epochs: int) -> int | None:
+    """First 0-based epoch with the QA loss (None: QA off)."""
+    return round(p.qa_start * epochs) if p.qa else None
+
+
+def check_pretrain_config(p: PretrainConfig) -> None:
+    if not active_tasks(p):
+        raise ValueError("pretrain: every task is off (mask_lm, matched, visual_losses, qa); "
+                         "nothing to train")
+    if active_tasks(p) == ["qa"] and p.qa_start > 0:
+        raise ValueError(f"pretrain: only the QA task is on but it starts at qa_start={p.qa_start}; "
+                         "the epochs before it would have no loss")
+    unknown = sorted(set(p.visual_losses) - {"obj", "attr", "feat"})
+    if unknown:
+        raise ValueError(f"pretrain.visual_losses: unknown {unknown}; expected a subset of "
+                         "['obj', 'attr', 'feat']")
+
+
+def make_examples(p: PretrainConfig, corpus: Any, tokenizer: Any, qa_from: int | None) -> PretrainExamples:
+    return PretrainExamples(
+        corpus, tokenizer, mask_lm=p.mask_lm, matched=p.matched, visual_losses=p.visual_losses,
+        qa=p.qa, qa_from_epoch=qa_from, word_mask_rate=p.word_mask_rate,
+        obj_mask_rate=p.obj_mask_rate, obj_mask_mode=p.obj_mask_mode, label_targets=p.label_targets,
+    )
+
+
+def pretrain_forward(model: torch.nn.Module, batch: dict[str, Any], p: PretrainConfig,
+                     with_qa: bool, qa_weight: float) -> dict[str, Any]:
+    """One forward pass with the labels of the active tasks (the model skips missing ones)."""
+    visual = {}
+    if "obj" in p.visual_losses:
+        visual["obj"] = (batch["obj_labels"], batch["obj_weights"])
+    if "attr" in p.visual_losses:
+        visual["attr"] = (batch["attr_labels"], batch["attr_weights"])
+    if "feat" in p.visual_losses:
+        visual["feat"] = (batch["feat_labels"], batch["feat_mask"])
+    return model(
+        batch["input_ids"], batch["attention_mask"], batch["feats"], batch["boxes"],
+        masked_lm_labels=batch["masked_lm_labels"] if p.mask_lm else None,
+        obj_labels=visual or None,
+        matched_label=batch["matched_label"] if p.matched else None,
+        ans=batch["ans"] if with_qa else None,
+        feat_loss=p.feat_loss, visual_loss_weight=p.visual_loss_weight, qa_weight=qa_weight,
+    )
+
+
+def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: PretrainConfig,
+                      seed: int, device: torch.device, precision: str) -> dict[str, float]:
+    """Mean losses per task on the validation corpus (fixed masking: the same every epoch)."""
+    model.eval()
+    n = len(examples)
+    bs = p.optim.batch_size
+    batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+    sums: dict[str, float] = {}
+    seen = 0
+    with torch.no_grad():
+        for batch in iterate_batches(examples, batches, 0, seed, VALID_STREAM):
+            batch = to_device(batch, device)
+            k = batch_size_of(batch)
+            with autocast(device, precision):
+                out = pretrain_forward(model, batch, p, with_qa=p.qa, qa_weight=1.0)
+            for name, value in out["losses"].items():
+                sums[name] = sums.get(name, 0.0) + float(value) * k
+            seen += k
+    losses = {name: s / seen for name, s in sums.items()}
+    return {"loss": sum(losses.values()), **losses}
+
+
+def build_model(config: RunConfig, num_answers: int) -> LxmertForPretraining:
+    p = config.pretrain
+    assert p is not None
+    model_config = replace(config.model, num_qa_labels=num_answers)
+    return LxmertForPretraining(model_config, visual_losses=p.visual_losses, mask_lm=p.mask_lm,
+                                matched=p.matched, qa=p.qa, num_answers=num_answers)
+
+
+def init_from_bert(model: torch.nn.Module, config: RunConfig, run_dir: RunDir) -> str:
+    """Language encoder from BERT: the ``bert_checkpoint`` file or the BERT stage's model.pt."""
+    from lxmert_bench.model.weights import load_weights
+    from lxmert_bench.train.common import dependency_model
+
+    p = config.pretrain
+    assert p is not None
+    if p.bert_checkpoint:
+        source = p.bert_checkpoint
+    elif config.init_from:
+        source = str(dependency_model(run_dir, config.init_from))
+    else:
+        raise ValueError("pretrain.init='bert' needs pretrain.bert_checkpoint or an init_from "
+                         "BERT stage")
+    load_weights(model, source, bert_layers=p.bert_layers)
+    return source
+
+
+def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str, Any]:
+    from lxmert_bench.data.tasks import PretrainCorpus
+    from lxmert_bench.train.common import load_tokenizer
+
+    p = config.pretrain
+    if p is None:
+        raise ValueError(f"{run_dir.config_path}: kind 'pretrain' needs a 'pretrain' section")
+    check_pretrain_config(p)
+    seed_all(config.seed)
+    data = config.data
+    tokenizer = load_tokenizer(data)
+    corpus = PretrainCorpus(data.root, p.train_splits, image_limit=data.image_limit)
+    valid_corpus = PretrainCorpus(data.root, [p.valid_split], image_limit=data.image_limit)
+    if len(corpus) == 0:
+        raise ValueError(f"pretraining corpus {list(p.train_splits)} under {data.root} has no "
+                         "sentence with loaded image features")
+    num_answers = len(corpus.answer_table)
+
+    spe = steps_per_epoch(len(corpus), p.optim.batch_size)
+    total = p.optim.epochs * spe
+    if p.optim.max_steps:
+        total = min(total, p.optim.max_steps)
+    qa_from = qa_start_epoch(p, math.ceil(total / spe))
+    examples = make_examples(p, corpus, tokenizer, qa_from)
+    valid_examples = make_examples(p, valid_corpus, tokenizer, 0)
+
+    model = build_model(config, num_answers)
+    init_source = init_from_bert(model, config, run_dir) if p.init == "bert" else None
+
+    device = select_device(config.device, info)
+    precision = select_precision(config.precision, device)
+
+    def step(m: torch.nn.Module, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        with_qa = qa_from is not None and epoch >= qa_from
+        return pretrain_forward(m, batch, p, with_qa=with_qa, qa_weight=p.qa_weight)
+
+    def evaluate(m: torch.nn.Module, epoch: int) -> EvalResult:
+        if len(valid_examples) == 0:
+            return EvalResult({})
+        return EvalResult(validation_losses(m, valid_examples, p, config.seed, device, precision))
+
+    settings = LoopSettings(
+        seed=config.seed, optim=p.optim, checkpoint_dir=run_dir.checkpoint_dir,
+        log_path=run_dir.log_path, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, device=config.device,
+        precision=config.precision, num_workers=data.num_workers, eval_split=p.valid_split,
+        eval_every_epoch=config.eval_every_epoch,
+        find_unused_parameters=True,  # the QA head idles before qa_start
+        desc=f"pretrain {config.content_hash()}",
+    )
+    summary = train(model, examples, step, settings, evaluate=evaluate, dist_info=info)
+    if info.is_main:  # official names (module.bert.*, module.cls.*, ...) as model_LXRT.pth
+        from lxmert_bench.model.weights import save_weights
+
+        save_weights(model, run_dir.checkpoint_dir / "model.pt")
+    metrics = summary.last_metrics or {}
+    return {
+        "metrics": metrics, "last_metrics": metrics, "best_epoch": None,
+        "history": summary.history, "predictions": {},
+        "tasks": active_tasks(p), "qa_start_epoch": None if qa_from is None else qa_from + 1,
+        "num_qa_labels": num_answers, "init": init_source or "scratch",
+        "train_examples": len(examples), "summary": summary,
+    }
