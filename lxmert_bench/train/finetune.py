@@ -142,29 +142,21 @@ def build_model(config: RunConfig, num_answers: int | None) -> nn.Module:
 
 def transfer_qa_head(model: nn.Module, source: str | Path, label2ans: list[str],
                      table: AnswerTable) -> dict[str, int]:
-    """The official ``load_lxmert_qa``: copy the pretrained answer MLP, and for the last layer the
-    row of each task answer found in the pretraining answer table; other rows become zero."""
-    from lxmert_bench.model.weights import read_state_dict
+    """The official ``load_lxmert_qa``: the pretrained answer MLP, and for its last layer the row of
+    each task answer found in the pretraining answer table; other rows become zero."""
+    from lxmert_bench.model.weights import QA_HEAD, canonical_state_dict
+    from lxmert_bench.model.weights import transfer_qa_head as copy_rows
 
-    state = {k.removeprefix("module."): v for k, v in read_state_dict(source).items()}
-    prefix = "answer_head.logit_fc."
-    if f"{prefix}3.weight" not in state:
-        raise ValueError(f"{source}: no pretrained QA head ({prefix}*); set finetune.load_qa_head: false")
-    src_rows = state[f"{prefix}3.weight"].shape[0]
-    if src_rows != len(table):
-        raise ValueError(f"{source}: the QA head has {src_rows} answers but the answer table "
-                         f"lxmert/all_ans.json has {len(table)}; they must match")
-    head = model.logit_fc
-    task_rows, pre_rows = qa_head_transfer_rows(label2ans, table)
-    with torch.no_grad():
-        for i in (0, 2):
-            head[i].weight.copy_(state[f"{prefix}{i}.weight"])
-            head[i].bias.copy_(state[f"{prefix}{i}.bias"])
-        w, b = torch.zeros_like(head[3].weight), torch.zeros_like(head[3].bias)
-        w[task_rows] = state[f"{prefix}3.weight"][pre_rows].to(w.dtype)
-        b[task_rows] = state[f"{prefix}3.bias"][pre_rows].to(b.dtype)
-        head[3].weight.copy_(w)
-        head[3].bias.copy_(b)
+    tensors = canonical_state_dict(source).tensors
+    out_weight = tensors.get(f"{QA_HEAD}3.weight")
+    if out_weight is None:
+        raise ValueError(f"{source}: no pretrained QA head ({QA_HEAD}*); "
+                         "set finetune.load_qa_head: false")
+    if out_weight.shape[0] != len(table):
+        raise ValueError(f"{source}: the QA head has {out_weight.shape[0]} answers but the answer "
+                         f"table lxmert/all_ans.json has {len(table)}; they must match")
+    task_rows, pretrain_rows = qa_head_transfer_rows(label2ans, table)
+    copy_rows(model, source, task_rows, pretrain_rows)
     return {"mapped": len(task_rows), "unmapped": len(label2ans) - len(task_rows)}
 
 
@@ -182,9 +174,9 @@ def initialise(model: nn.Module, config: RunConfig, run_dir: RunDir,
         source, from_kind = ft.init_checkpoint, "checkpoint"
     else:
         return {"init": "scratch"}
-    # backbone names only: the pretraining heads (cls.*, obj_predict_head.*, answer_head.*) are
-    # left out; bert_layers matters only for a BERT source
-    report = load_weights(model, source, bert_layers=ft.bert_layers)
+    # the backbone only (official --loadLXMERT); the QA head is transferred row by row below.
+    # bert_layers matters only for a BERT source.
+    report = load_weights(model, source, bert_layers=ft.bert_layers, heads=False)
     info: dict[str, Any] = {"init": config.init_from or source, "loaded_tensors": len(report.loaded)}
     if not any(n.startswith("bert.encoder.layer.") for n in report.loaded):
         raise ValueError(f"{source}: no language-encoder weight was loaded ({report.source_format} "

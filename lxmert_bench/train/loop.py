@@ -273,6 +273,14 @@ def seed_all(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+class NonFiniteLoss(FloatingPointError):
+    """A NaN / inf loss: training stops; ``step`` (1-based) and ``losses`` say where and which."""
+
+    def __init__(self, message: str, step: int, losses: dict[str, float]):
+        super().__init__(message)
+        self.step, self.losses = step, losses
+
+
 @dataclass
 class LoopSettings:
     seed: int
@@ -532,11 +540,13 @@ def train(
                     dist.all_reduce(values)
                 values = values.cpu()
                 if not bool(torch.isfinite(values).all()):
-                    bad = [n for n, v in zip(["loss", *names], values.tolist()) if not math.isfinite(v)]
-                    detail = ", ".join(f"{n}={v}" for n, v in zip(["loss", *names], values.tolist()))
-                    raise FloatingPointError(
+                    named = dict(zip(["loss", *names], values.tolist()))
+                    bad = [n for n, v in named.items() if not math.isfinite(v)]
+                    detail = ", ".join(f"{n}={v}" for n, v in named.items())
+                    raise NonFiniteLoss(
                         f"non-finite loss at step {state.global_step + 1} (epoch {epoch + 1}, "
-                        f"lr {lr:.3e}): {', '.join(bad)} ({detail}); stopping"
+                        f"lr {lr:.3e}): {', '.join(bad)} ({detail}); stopping",
+                        step=state.global_step + 1, losses=named,
                     )
                 optimizer.zero_grad(set_to_none=True)
                 # DDP averages gradients over ranks; scaling by share*world makes that the

@@ -11,6 +11,7 @@ Each epoch ends with the validation losses per task on ``valid_split``; the stag
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -189,10 +190,13 @@ def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
         desc=f"pretrain {config.content_hash()}",
     )
     summary = train(model, examples, step, settings, evaluate=evaluate, dist_info=info)
-    if info.is_main:  # official names (module.bert.*, module.cls.*, ...) as model_LXRT.pth
+    if info.is_main:  # official names (bert.*, cls.*, obj_predict_head.*, answer_head.*)
         from lxmert_bench.model.weights import save_weights
 
-        save_weights(model, run_dir.checkpoint_dir / "model.pt")
+        final = run_dir.checkpoint_dir / "model.pt"
+        tmp = final.with_name(".model.tmp.pt")
+        save_weights(model, tmp)
+        os.replace(tmp, final)  # atomic: a reader never sees half of it
     metrics = summary.last_metrics or {}
     return {
         "metrics": metrics, "last_metrics": metrics, "best_epoch": None,

@@ -25,7 +25,13 @@ import torch
 from lxmert_bench import __version__
 from lxmert_bench.config import DataConfig, RunConfig
 from lxmert_bench.store import RunDir
-from lxmert_bench.train.loop import DistInfo, TrainSummary, setup_distributed, teardown_distributed
+from lxmert_bench.train.loop import (
+    DistInfo,
+    NonFiniteLoss,
+    TrainSummary,
+    setup_distributed,
+    teardown_distributed,
+)
 
 
 def run_stage(run_dir: RunDir) -> dict[str, Any]:
@@ -57,10 +63,13 @@ def run_stage(run_dir: RunDir) -> dict[str, Any]:
         return result
     except Exception as e:
         if info.is_main:
-            run_dir.write_error({
+            error: dict[str, Any] = {
                 "error": str(e), "type": type(e).__name__, "traceback": traceback.format_exc(),
                 "time": _now(), "stage_id": run_dir.stage_id,
-            })
+            }
+            if isinstance(e, NonFiniteLoss):
+                error.update(step=e.step, losses={k: str(v) for k, v in e.losses.items()})
+            run_dir.write_error(error)
         raise
     finally:
         teardown_distributed(info)
