@@ -108,6 +108,23 @@ def test_streaming_reader_hashes_exactly_the_rows_it_reads(tsv):
     assert h.hexdigest() == sha256_of(path, 4)
 
 
+def test_quoted_image_ids_survive_both_readers_and_the_store(tmp_path):
+    items = make_images(4)
+    items[1]["img_id"] = 'odd\tid "quoted"'
+    items[2]["img_id"] = "two\nlines"  # a csv record spanning two physical lines
+    path = tmp_path / "odd.tsv"
+    write_obj_tsv(path, items)
+    ids = [i["img_id"] for i in items]
+    assert [r["img_id"] for r in read_obj_tsv(path)] == ids
+    h = hashlib.sha256()
+    assert [(n, r["img_id"]) for n, r in iter_obj_tsv_hashed(path, None, h.update)] == [
+        (1, ids[0]), (2, ids[1]), (3, ids[2]), (4, ids[3])]
+    assert h.hexdigest() == sha256_of(path)
+    store = convert_tsvs(path, tmp_path / "s", progress=False)
+    assert store.img_ids == ids and store.row("two\nlines") == 2
+    assert store.get(ids[3])["features"].tobytes() == items[3]["features"].tobytes()
+
+
 def _corrupt(row: list[str], how: str) -> list[str]:
     row = list(row)
     if how == "field count":
