@@ -366,6 +366,19 @@ def test_concurrent_ensure_store_builds_one_store(tsv, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == [".store.lock", "store"]
 
 
+def test_ensure_store_works_after_the_tsvs_are_deleted(tsv, tmp_path):
+    path, items = tsv
+    out = tmp_path / "stores" / "val2014"
+    built = ensure_store([path], out, progress=False)
+    path.unlink()  # TSVs are large; a converted store is all that jobs need
+    again = ensure_store([path], out, progress=False)
+    assert again.index["built_by"] == built.index["built_by"] and len(again) == 12
+    with pytest.raises(FileNotFoundError, match=rf"{path}: feature file not found"):
+        ensure_store([path], out, feature_dtype="float16", progress=False)  # would need a rebuild
+    with pytest.raises(FileNotFoundError, match="other.tsv: feature file not found"):
+        ensure_store([tmp_path / "other.tsv"], out, progress=False)
+
+
 class _StoreDataset(torch.utils.data.Dataset):
     def __init__(self, store: FeatureStore, img_ids: list[str]):
         self.store, self.img_ids = store, img_ids

@@ -654,12 +654,21 @@ def ensure_store(tsv_paths: str | os.PathLike | Iterable[str | os.PathLike],
     store_dir = Path(store_dir)
     if (store_dir / INDEX_FILE).is_file() and not kw.get("overwrite"):
         # common case: already built; no lock needed to read a finished store
-        tsvs = _as_tsv_paths(tsv_paths)
+        if isinstance(tsv_paths, (str, os.PathLike)):
+            tsv_paths = [tsv_paths]
+        tsvs = [Path(t) for t in tsv_paths]
         store = FeatureStore.open(store_dir)
         topk = kw.get("topk")
         topk = None if topk is not None and topk < 0 else topk
-        if _matches(store.index, tsvs, _clean_feature_dtype(kw.get("feature_dtype", "float32")),
-                    topk) is None:
+        dtype = _clean_feature_dtype(kw.get("feature_dtype", "float32"))
+        if not all(t.is_file() for t in tsvs):
+            # the TSVs may be deleted once converted (they are large): the store, built from
+            # files of the same names with the same options, is all a job needs
+            built_from = [Path(src["path"]).name for src in store.sources]
+            if (built_from == [t.name for t in tsvs] and store.feature_dtype == dtype
+                    and store.index.get("topk") == topk):
+                return store
+        elif _matches(store.index, tsvs, dtype, topk) is None:
             return store
     store_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = store_dir.with_name(f".{store_dir.name}.lock")
