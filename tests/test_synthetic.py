@@ -246,7 +246,7 @@ def _lexicon(texts_images: list[tuple[str, list[str]]], det, min_lift: float = 0
         lex = {}
         for w, counts in together.items():
             lift = {k: c / n_word[w] - base[k] / len(texts_images) for k, c in counts.items()}
-            k = max(lift, key=lift.get)
+            k = max(sorted(lift), key=lift.get)  # sorted: ties break the same way every run
             if lift[k] > min_lift and n_word[w] >= 3:
                 lex[w] = k
         return lex
@@ -299,7 +299,7 @@ def _logistic_regression(train_feats, targets, n_out, steps: int = 150):
     index: dict[str, int] = {}
 
     def bags(feats_list, grow: bool):
-        ids = [[index.setdefault(f, len(index)) if grow else index.get(f, -1) for f in fs]
+        ids = [[index.setdefault(f, len(index)) if grow else index.get(f, -1) for f in sorted(fs)]
                for fs in feats_list]
         ids = [[i for i in x if i >= 0] or [0] for x in ids]
         offsets = torch.tensor(np.cumsum([0] + [len(x) for x in ids[:-1]]))

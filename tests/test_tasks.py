@@ -138,6 +138,16 @@ def test_feature_stores_are_built_once_under_the_root(root, tok) -> None:
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
 
 
+def test_half_precision_stores_live_beside_the_float32_ones(root, tok) -> None:
+    full = NLVR2Dataset(root, ["valid"], tok)
+    half = NLVR2Dataset(root, ["valid"], tok, feature_dtype="float16")
+    assert store_dir(root, "nlvr2_imgfeat/valid_obj36.tsv", "float16").is_dir()
+    assert store_dir(root, "nlvr2_imgfeat/valid_obj36.tsv").is_dir()
+    a, b = full[0]["feats"], half[0]["feats"]
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
 # --- pretraining corpus ---------------------------------------------------------------------
 def test_pretrain_corpus_flattens_sentences_with_normalised_labels(root) -> None:
     splits = ["mscoco_train", "vgnococo"]

@@ -184,9 +184,11 @@ def fingerprint_data_root(root: str | Path, needs: list[tuple[str, str]]) -> str
     return h.hexdigest()
 
 
-def store_dir(root: str | Path, tsv: str | os.PathLike) -> Path:
-    """Where the memory-mapped store of a feature TSV lives: ``<root>/.stores/<dir>/<name>``."""
+def store_dir(root: str | Path, tsv: str | os.PathLike, feature_dtype: str = "float32") -> Path:
+    """Where the memory-mapped store of a feature TSV lives: ``<root>/.stores/<dir>/<name>``
+    (``<name>.float16`` for half-precision features, so both can exist side by side)."""
     rel = Path(tsv)
     if rel.is_absolute():
         rel = rel.relative_to(Path(root))
-    return Path(root) / STORES_DIR / rel.parent / rel.stem
+    suffix = "" if feature_dtype == "float32" else f".{feature_dtype}"
+    return Path(root) / STORES_DIR / rel.parent / f"{rel.stem}{suffix}"

@@ -25,9 +25,11 @@ from lxmert_bench.io import read_json
 # ---------------------------------------------------------------------------------------------
 class ImageFeatures:
     """The images some splits read: one store per feature TSV, limited to the first ``topk`` images
-    of the file where the split (or ``image_limit``) says so. Shared TSVs are opened once."""
+    of the file where the split (or ``image_limit``) says so. Shared TSVs are opened once.
+    ``feature_dtype`` "float16" halves the stores' size (features are still returned as float32)."""
 
-    def __init__(self, root: str | Path, entries: Iterable[SplitFiles], image_limit: int | None = None):
+    def __init__(self, root: str | Path, entries: Iterable[SplitFiles], image_limit: int | None = None,
+                 feature_dtype: str = "float32"):
         from lxmert_bench.data.store import ensure_store
 
         self.root = Path(root)
@@ -38,7 +40,9 @@ class ImageFeatures:
             topk = min(limits) if limits else None
             for rel in entry.tsvs:
                 if rel not in self._stores:
-                    self._stores[rel] = ensure_store([self.root / rel], store_dir(self.root, rel))
+                    self._stores[rel] = ensure_store(
+                        [self.root / rel], store_dir(self.root, rel, feature_dtype),
+                        feature_dtype=feature_dtype)
                 store = self._stores[rel]
                 ids = list(store.img_ids)
                 for img_id in ids if topk is None else ids[:topk]:
@@ -114,7 +118,7 @@ class _QADataset(Dataset):
     _required: dict[str, type | tuple[type, ...]] = {}
 
     def __init__(self, root: str | Path, splits: Sequence[str], tokenizer: Any,
-                 image_limit: int | None = None):
+                 image_limit: int | None = None, feature_dtype: str = "float32"):
         if isinstance(splits, str):
             splits = splits.split(",")
         self.root, self.splits, self.tokenizer = Path(root), tuple(splits), tokenizer
@@ -124,7 +128,7 @@ class _QADataset(Dataset):
         for entry in entries:
             raw += load_split_json(entry.json_path(self.root), self._required,
                                    f"{self.task.upper()} question")
-        self.images = ImageFeatures(self.root, entries, image_limit)
+        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype)
         self.examples = [d for d in raw if d["img_id"] in self.images]
 
     @property
@@ -190,7 +194,7 @@ class NLVR2Dataset(Dataset):
     _required = {"identifier": str, "img0": str, "img1": str, "sent": str}
 
     def __init__(self, root: str | Path, splits: Sequence[str], tokenizer: Any,
-                 image_limit: int | None = None):
+                 image_limit: int | None = None, feature_dtype: str = "float32"):
         if isinstance(splits, str):
             splits = splits.split(",")
         self.root, self.splits, self.tokenizer = Path(root), tuple(splits), tokenizer
@@ -199,7 +203,7 @@ class NLVR2Dataset(Dataset):
         for entry in entries:
             raw += load_split_json(entry.json_path(self.root), self._required, "NLVR2 statement",
                                    label_type=int)
-        self.images = ImageFeatures(self.root, entries, image_limit)
+        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype)
         self.examples = [d for d in raw if d["img0"] in self.images and d["img1"] in self.images]
 
     @property
@@ -232,7 +236,7 @@ class PretrainCorpus:
     matching logic lives in data/pretrain.py."""
 
     def __init__(self, root: str | Path, splits: Sequence[str], image_limit: int | None = None,
-                 qa_sets: Iterable[str] | None = None):
+                 qa_sets: Iterable[str] | None = None, feature_dtype: str = "float32"):
         if isinstance(splits, str):
             splits = splits.split(",")
         self.root, self.splits = Path(root), tuple(splits)
@@ -245,7 +249,7 @@ class PretrainCorpus:
             for i, rec in enumerate(records):
                 self._check(rec, path, i)
             data += records
-        self.images = ImageFeatures(self.root, entries, image_limit)
+        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype)
         self.entries: list[dict[str, Any]] = []
         for datum in data:
             img_id = datum["img_id"]
