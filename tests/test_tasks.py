@@ -56,6 +56,19 @@ def _tsv_ids(root: Path, rel: str, topk: int | None = None) -> list[str]:
     return [r["img_id"] for r in read_obj_tsv(root / rel, topk=topk)]
 
 
+def test_every_synthetic_sentence_tokenizes_without_unknowns_or_truncation(root, tok) -> None:
+    sents = [d["sent"] for rel in ("vqa/train.json", "gqa/valid.json", "nlvr2/train.json")
+             for d in _json(root, rel)]
+    sents += [s for d in _json(root, "lxmert/vgnococo.json") for v in d["sentf"].values() for s in v]
+    sents += [a for d in _json(root, "lxmert/vgnococo.json") for labels in d["labelf"].values()
+              for label in labels for a in label]
+    unk = tok.token_to_id("[UNK]")
+    for sent in sents:
+        ids, mask = tok.encode(sent)
+        assert unk not in ids, sent
+        assert sum(mask) < L, sent  # ends with [SEP] before the limit: nothing was cut
+
+
 # --- VQA / GQA / NLVR2 ------------------------------------------------------------------------
 def test_vqa_items_and_batches(root, tok) -> None:
     ds = VQADataset(root, ["train", "nominival"], tok)

@@ -69,7 +69,8 @@ class ImageFeatures:
 
 
 def _float(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy of the mapped rows
+    # the store hands out fresh float32 copies; copy only what is read-only or of another dtype
+    return torch.from_numpy(np.require(a, np.float32, ["W"]))
 
 
 def _long(a: Sequence[int] | np.ndarray) -> torch.Tensor:
