@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,14 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------
 def code_version() -> str:
-    """Package version + a hash of the sources that decide a result (model, data, training, metrics)."""
+    """Package version + a hash of the sources that decide a result (model, data, training, metrics).
+
+    Any change there gives new stage hashes, so results are never mixed across code versions.
+    ``LXMERT_BENCH_CODE_VERSION`` pins it (e.g. while editing comments during a long sweep).
+    """
+    pinned = os.environ.get("LXMERT_BENCH_CODE_VERSION")
+    if pinned:
+        return pinned
     root = Path(__file__).parent
     h = hashlib.sha256()
     files = [root / "config.py", root / "metrics.py"]

@@ -6,6 +6,7 @@ Real stages (the `test` profile: smallest model, small synthetic benchmark, a fe
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -38,8 +39,13 @@ def ran(tmp_path_factory):
     spec.write_text(SPEC)
     workdir = tmp / "wd"
     out = tmp / "results"
-    code = main(["run", str(spec), "--profile", "test", "--executor", "local", "--workdir",
-                 str(workdir), "--quiet", "--parallel", "2"])
+    cwd = os.getcwd()
+    os.chdir(tmp)  # the report goes to ./results/<spec name>/
+    try:
+        code = main(["run", str(spec), "--profile", "test", "--executor", "local", "--workdir",
+                     str(workdir), "--quiet", "--parallel", "2"])
+    finally:
+        os.chdir(cwd)
     return {"spec": spec, "workdir": workdir, "code": code, "out": out, "tmp": tmp}
 
 
@@ -61,7 +67,18 @@ def test_run_completes_every_stage(ran):
         assert job["executor"] == "local" and job["job_id"]
 
 
-def test_second_run_submits_nothing(ran, capsys):
+def test_report_written_with_tables_and_plots(ran):
+    report = ran["tmp"] / "results" / "mini" / "report.md"
+    text = report.read_text()
+    assert "Feat + Label" in text and "VQA" in text and "NLVR" in text
+    assert "synthetic" in text.lower()  # the test profile's numbers are never the paper's
+    assert list((ran["tmp"] / "results" / "mini").glob("*.png"))
+    rows = (ran["tmp"] / "results" / "mini" / "results.jsonl").read_text().splitlines()
+    assert len(rows) >= 4
+
+
+def test_second_run_submits_nothing(ran, capsys, monkeypatch):
+    monkeypatch.chdir(ran["tmp"])
     plan = _plan(ran)
     mtimes = {sid: RunDir(ran["workdir"], sid).result_path.stat().st_mtime_ns for sid in plan.stages}
     code = main(["run", str(ran["spec"]), "--workdir", str(ran["workdir"]), "--quiet"])
@@ -96,7 +113,8 @@ def test_stage_shared_across_specs(ran, tmp_path):
     assert len(both.stages) == len(a.stages)  # planned once
 
 
-def test_failure_orphans_then_retry_failed(tmp_path, capsys):
+def test_failure_orphans_then_retry_failed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     """A stage that fails leaves its dependents orphaned; --retry-failed reruns it and them."""
     spec = tmp_path / "one.yaml"
     spec.write_text(textwrap.dedent("""\
