@@ -134,15 +134,27 @@ def _resources(args: argparse.Namespace, specs: list):
     return load_resource_profile(args.slurm_profile or specs[0].profile.slurm_profile)
 
 
+def _in_spec_order(plan) -> list:
+    """Stages by level, then in the order of the specs' variants, tasks and seeds."""
+    rank: dict[str, int] = {}
+    for i, e in enumerate(plan.entries):
+        for sid in (e.bert, e.pretrain, e.finetune):
+            if sid:
+                rank.setdefault(sid, i)
+    return sorted(plan.stages.values(), key=lambda st: (st.level, rank.get(st.stage_id, 0)))
+
+
 def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, str] | None) -> None:
     from lxmert_bench.plan import estimate_gpu_hours
 
     rows = []
-    for st in plan.ordered():
+    for st in _in_spec_order(plan):
         s = statuses[st.stage_id]
         res = resources.for_kind(st.kind)
+        variants = list(dict.fromkeys(u[1] for u in st.users))
+        what = st.describe() + (f" | {', '.join(variants)}" if st.kind != "bert" else "")
         rows.append({
-            "stage": st.stage_id, "kind": st.kind, "what": st.describe(), "state": s.state,
+            "stage": st.stage_id, "kind": st.kind, "what": what, "state": s.state,
             "job_id": s.job_id, "shared_by": len({(u[0], u[1]) for u in st.users}),
             "used_by": [f"{u[0]}:{u[1]}:seed{u[2]}:{u[3]}" for u in st.users],
             "depends_on": st.deps, "gpus": int(res.get("gpus_per_node") or 0) * int(res.get("nodes") or 1),
@@ -244,9 +256,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         from tabulate import tabulate
 
-        rows = [[statuses[st.stage_id].state, st.stage_id, st.describe(),
+        rows = [[statuses[st.stage_id].state, st.stage_id,
+                 st.describe() + " | " + ", ".join(dict.fromkeys(u[1] for u in st.users)),
                  statuses[st.stage_id].job_id or "", statuses[st.stage_id].reason]
-                for st in plan.ordered()]
+                for st in _in_spec_order(plan)]
         print(tabulate(rows, headers=["state", "stage", "what", "job", "note"], tablefmt="simple"))
         for st in plan.ordered():
             s = statuses[st.stage_id]

@@ -495,7 +495,7 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                 if any(not RunDir(workdir, d).is_done() for d in st.deps):
                     continue
                 res = resources.for_kind(st.kind, overrides)
-                threads = max(1, min(int(res.get("cpus_per_task") or 1), cpus))
+                threads = max(1, cpus // limit)  # share this machine's cores among the running stages
                 ex = _executor(workdir, cluster)
                 ex.update_parameters(**submitit_parameters(res, cluster))
                 job = ex.submit(StageJob(str(workdir), st.stage_id, threads))
