@@ -467,7 +467,9 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
     from tqdm import tqdm
 
     cpus = os.cpu_count() or 1
-    limit = 1 if cluster == "debug" else (parallelism or resources.local_parallelism or max(1, cpus // 2))
+    per_job = max(1, int(resources.for_kind("finetune", overrides).get("cpus_per_task") or 1))
+    limit = 1 if cluster == "debug" else (
+        parallelism or resources.local_parallelism or max(1, cpus // per_job))
     pending = list(todo)
     running: dict[str, submitit.Job] = {}
     failed: set[str] = set()
