@@ -171,11 +171,19 @@ def test_visual_losses_by_hand() -> None:
     assert not torch.allclose(l2, out["losses"]["feat"])
     with pytest.raises(ValueError, match="feat_loss"):
         run(model, x, y, feat_loss="l1")
-    # MLM: mean CE over the labelled tokens only
+    # MLM: mean CE over the labelled tokens only; with labels the decoder runs on those alone
     mlm = y["masked_lm_labels"]
     keep = mlm != -1
-    expected = F.cross_entropy(out["lm_logits"][keep], mlm[keep])
+    assert torch.equal(out["lm_labels"], mlm[keep])
+    with torch.no_grad():
+        full = model(x["input_ids"], x["attention_mask"], x["feats"], x["boxes"])["lm_logits"]
+    assert full.shape == (2, 7, CONFIG.vocab_size)
+    assert torch.allclose(out["lm_logits"], full[keep], atol=1e-5)
+    expected = F.cross_entropy(full[keep], mlm[keep])
     assert torch.allclose(out["losses"]["mlm"], expected, rtol=1e-5)
+    # no labelled word at all: 0, not NaN
+    none = run(model, x, {**y, "masked_lm_labels": torch.full_like(mlm, -1)})
+    assert none["losses"]["mlm"].item() == 0.0
 
 
 def test_qa_with_every_answer_ignored_is_zero_with_finite_grads() -> None:
@@ -199,18 +207,26 @@ def test_one_cross_attention_shared_by_both_directions() -> None:
         cross = [n for n, m in layer.named_modules() if isinstance(m, CrossAttentionBlock)]
         assert cross == ["visual_attention"]
     assert not any("lang_attention" in n for n, _ in model.named_parameters())
-    # it runs twice per layer: text queries over objects, then object queries over text
+    # one call per layer covers both directions (text and objects concatenated, block mask)...
     calls: list[tuple[int, int]] = []
     layer = model.encoder.x_layers[0]
     handle = layer.visual_attention.register_forward_hook(
         lambda mod, args, out: calls.append((args[0].shape[1], args[1].shape[1])))
     x = inputs()
     with torch.no_grad():
-        lang, visn, _ = model(**{k: x[k] for k in ("input_ids", "attention_mask", "feats", "boxes")})
+        model(**{k: x[k] for k in ("input_ids", "attention_mask", "feats", "boxes")})
     handle.remove()
-    assert calls == [(7, OBJECTS), (OBJECTS, 7)] * CONFIG.x_layers
-    # perturbing it changes both outputs; perturbing the language self-attention only one
+    assert calls == [(7 + OBJECTS, 7 + OBJECTS)] * CONFIG.x_layers
+    # ... and equals the official two calls: text over objects, objects over text (with padding)
     lang_in, visn_in = torch.randn(2, 7, 32), torch.randn(2, OBJECTS, 32)
+    lang_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()[:, None, None, :]
+    visn_mask = torch.tensor([[1] * OBJECTS, [1] * 3 + [0] * 2]).bool()[:, None, None, :]
+    with torch.no_grad():
+        for lm, vm in ((None, None), (lang_mask, None), (lang_mask, visn_mask)):
+            got_lang, got_visn = layer.cross_attention(lang_in, lm, visn_in, vm)
+            assert torch.allclose(got_lang, layer.visual_attention(lang_in, visn_in, vm), atol=1e-6)
+            assert torch.allclose(got_visn, layer.visual_attention(visn_in, lang_in, lm), atol=1e-6)
+    # perturbing it changes both outputs; perturbing the language self-attention only one
     with torch.no_grad():
         ref_lang, ref_visn = layer(lang_in, None, visn_in, None)
         layer.visual_attention.att.query.weight.add_(torch.randn(32, 32))
@@ -252,11 +268,12 @@ def test_dropout_only_in_training() -> None:
     model.eval()
     with torch.no_grad():
         a, b = run(model, x, y), run(model, x, y)
-    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["lm_logits"], b["lm_logits"])
+    assert torch.equal(a["loss"], b["loss"])
+    assert torch.equal(a["visual_logits"]["feat"], b["visual_logits"]["feat"])
     model.train()
     with torch.no_grad():
         c, d = run(model, x, y), run(model, x, y)
-    assert not torch.equal(c["lm_logits"], d["lm_logits"])
+    assert not torch.equal(c["visual_logits"]["feat"], d["visual_logits"]["feat"])
 
 
 def test_bf16_autocast_forward_on_cpu() -> None:
