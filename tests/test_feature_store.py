@@ -207,6 +207,10 @@ def test_store_float16_within_half_precision(tsv, tmp_path):
     want = np.stack([i["features"] for i in items])
     np.testing.assert_allclose(got, want, rtol=2**-11, atol=1e-6)
     assert not np.array_equal(got, want)  # really rounded, not a float32 copy
+    assert got.tobytes() == want.astype(np.float16).astype(np.float32).tobytes()  # exact widening
+    assert store.get(items[5]["img_id"])["features"].tobytes() == got[5].tobytes()
+    half = store.get_batch([5, 1], features_dtype=None)["features"]
+    assert half.dtype == np.float16 and half.tobytes() == want[[5, 1]].astype(np.float16).tobytes()
     assert store.features.nbytes == want.nbytes // 2
 
 

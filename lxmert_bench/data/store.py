@@ -27,6 +27,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -221,15 +222,19 @@ class FeatureStore:
         if not -n <= row < n:
             raise IndexError(f"{self.path}: row {row} out of range for {n} images")
         item: dict[str, Any] = {"img_id": self._array("img_ids")[row].decode("utf-8")}
-        item["features"] = np.array(self.features[row], dtype=np.float32)
+        item["features"] = _as_float32(self.features[row])
         for name in ("boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
             item[name] = np.array(self._array(name)[row])
         item["img_h"] = int(self.img_h[row])
         item["img_w"] = int(self.img_w[row])
         return item
 
-    def get_batch(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """Stacked arrays for ``rows`` in the given order; the file is read in sorted row order."""
+    def get_batch(self, rows: Sequence[int] | np.ndarray,
+                  features_dtype: str | None = "float32") -> dict[str, np.ndarray]:
+        """Stacked arrays for ``rows`` in the given order; the file is read in sorted row order.
+
+        ``features_dtype=None`` keeps the stored dtype (float16 stores: half the bytes to move
+        to a GPU, where widening is free)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         n = len(self)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
@@ -238,12 +243,19 @@ class FeatureStore:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         feats = self.features
-        out_feats = np.empty((rows.size, *feats.shape[1:]), dtype=np.float32)
+        if features_dtype is not None and np.dtype(features_dtype) != np.float32:
+            raise ValueError(f"features_dtype must be 'float32' or None, got {features_dtype!r}")
+        out_dtype = feats.dtype if features_dtype is None else np.dtype(np.float32)
+        gathered = np.empty((rows.size, *feats.shape[1:]), dtype=out_dtype)
         # one copy per image straight from the map into its slot (a fancy-index gather followed
-        # by a reorder would copy the biggest array twice); float16 is widened on the way
-        for dst, src in zip(order.tolist(), sorted_rows.tolist()):
-            out_feats[dst] = feats[src]
-        batch: dict[str, np.ndarray] = {"features": out_feats}
+        # by a reorder would copy the biggest array twice)
+        pairs = zip(order.tolist(), sorted_rows.tolist())
+        if out_dtype == feats.dtype:
+            for dst, src in pairs:
+                gathered[dst] = feats[src]
+        else:
+            _widen_rows(feats, pairs, gathered)
+        batch: dict[str, np.ndarray] = {"features": gathered}
         inverse = np.empty_like(order)
         inverse[order] = np.arange(rows.size)
         for name in ("boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
@@ -257,6 +269,28 @@ class FeatureStore:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"], state["index"])
+
+
+def _as_float32(arr: np.ndarray) -> np.ndarray:
+    """float32 copy of one image's features (float16 widened as in :func:`_widen_rows`)."""
+    if arr.dtype == np.float32:
+        return np.array(arr)
+    out = np.empty((1, *arr.shape), dtype=np.float32)
+    _widen_rows(arr[None], [(0, 0)], out)
+    return out[0]
+
+
+def _widen_rows(src: np.ndarray, pairs: Iterable[tuple[int, int]], out: np.ndarray) -> None:
+    """``out[dst] = src[s]`` as float32 for float16 ``src``. torch widens half floats with SIMD,
+    ~9x faster than numpy's cast, which would cap a float16 store at ~2.6k images/s."""
+    import torch  # only float16 stores need it; keeps opening a store light
+
+    target = torch.from_numpy(out)
+    with warnings.catch_warnings():
+        # the memory map is read-only; torch only reads it here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for dst, s in pairs:
+            target[dst].copy_(torch.from_numpy(src[s]))
 
 
 class FeatureStores:
@@ -332,7 +366,8 @@ class FeatureStores:
         store, r = self.locate(img_id)
         return store.get_row(r)
 
-    def get_many(self, img_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def get_many(self, img_ids: Sequence[str],
+                 features_dtype: str | None = "float32") -> dict[str, np.ndarray]:
         """Stacked arrays for ``img_ids`` (each store read as one sorted batch)."""
         where = [self.locate(i) for i in img_ids]
         out: dict[str, np.ndarray] = {}
@@ -340,7 +375,7 @@ class FeatureStores:
             pos = [j for j, (s, _) in enumerate(where) if s is store]
             if not pos:
                 continue
-            part = store.get_batch([where[j][1] for j in pos])
+            part = store.get_batch([where[j][1] for j in pos], features_dtype)
             for name, arr in part.items():
                 if name not in out:
                     out[name] = np.empty((len(img_ids), *arr.shape[1:]), dtype=arr.dtype)
