@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--objects", type=int, default=36)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both models")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode (e.g. max-autotune-no-cudagraphs, reduce-overhead)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours.train(), hf.train()
     flops = step_flops(ours, b, device, args.bf16)
 
-    runner = torch.compile(ours) if args.compile else ours
+    if args.compile:
+        ours.sparse_mlm = False  # static shapes: no boolean indexing inside the compiled graph
+    runner = torch.compile(ours, mode=args.compile_mode) if args.compile else ours
     opt = dict(lr=1e-4, weight_decay=0.01, eps=1e-6)  # the same (default foreach) AdamW on both
     steps = {
         "ours": make_step(runner, ours_loss, b, torch.optim.AdamW(ours.parameters(), **opt), device, args.bf16),

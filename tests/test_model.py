@@ -184,6 +184,12 @@ def test_visual_losses_by_hand() -> None:
     # no labelled word at all: 0, not NaN
     none = run(model, x, {**y, "masked_lm_labels": torch.full_like(mlm, -1)})
     assert none["losses"]["mlm"].item() == 0.0
+    # the dense decoder (static shapes, for torch.compile) gives the same loss on all positions
+    model.sparse_mlm = False
+    dense = run(model, x, y)
+    assert dense["lm_logits"].shape == (2, 7, CONFIG.vocab_size)
+    assert torch.allclose(dense["losses"]["mlm"], out["losses"]["mlm"], rtol=1e-5)
+    assert torch.allclose(dense["loss"], out["loss"], rtol=1e-5)
 
 
 def test_qa_with_every_answer_ignored_is_zero_with_finite_grads() -> None:

@@ -231,5 +231,10 @@ def test_checkpointable_job_is_requeued_on_timeout_and_completes(cluster, tmp_pa
     job = executor.submit(_SleepOnce())
     runs, restart_count = job.result()
     assert (runs, restart_count) == (2, "1")
-    history = _run("sacct", "-n", "-P", "-D", "-X", "-o", "State", "-j", job.job_id).stdout.split()
+    # the result file comes before slurmdbd records the end: poll the accounting for a while
+    for _ in range(30):
+        history = _run("sacct", "-n", "-P", "-D", "-X", "-o", "State", "-j", job.job_id).stdout.split()
+        if history[-1:] != ["RUNNING"] and history[-1:] != ["COMPLETING"]:
+            break
+        time.sleep(1)
     assert history == ["REQUEUED", "COMPLETED"], history

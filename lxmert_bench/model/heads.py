@@ -104,7 +104,7 @@ class LxmertForPretraining(nn.Module):
 
     def __init__(self, config: LxmertConfig, visual_losses: Sequence[str] = VISUAL_LOSSES,
                  mask_lm: bool = True, matched: bool = True, qa: bool = True,
-                 num_answers: int | None = None):
+                 num_answers: int | None = None, sparse_mlm: bool = True):
         super().__init__()
         bad = [v for v in visual_losses if v not in VISUAL_LOSSES]
         if bad:
@@ -112,6 +112,9 @@ class LxmertForPretraining(nn.Module):
         self.config = config
         self.visual_losses = tuple(v for v in VISUAL_LOSSES if v in visual_losses)
         self.mask_lm, self.matched, self.qa = mask_lm, matched, qa
+        # sparse: the decoder on labelled words only (eager speed); dense: static shapes, which
+        # torch.compile and CUDA graphs need. The loss is the same.
+        self.sparse_mlm = sparse_mlm
         self.bert = Lxmert(config)
         self.cls = PretrainingHeads(config, self.bert.embeddings.word_embeddings)
         self.obj_predict_head = ObjectPredictionHead(config, self.visual_losses)
@@ -135,8 +138,11 @@ class LxmertForPretraining(nn.Module):
         out: dict = {"losses": {}}
         losses = out["losses"]
         if self.mask_lm:
-            if masked_lm_labels is None:
+            if masked_lm_labels is None or not self.sparse_mlm:
                 out["lm_logits"] = self.cls.predictions(lang)
+                if masked_lm_labels is not None:
+                    out["lm_labels"] = masked_lm_labels
+                    losses["mlm"] = masked_cross_entropy(out["lm_logits"], masked_lm_labels)
             else:
                 # The 30522-way decoder only on the labelled words (~15%): the same loss without
                 # most of the biggest matmul. lm_logits [N, V] then pair with lm_labels [N].
