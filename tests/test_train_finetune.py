@@ -192,3 +192,12 @@ def test_data_augmentation_adds_other_sources_questions(data):
     assert item["question_id"] == entry["uid"] and item["target"].sum() > 0
     assert {vqa.label2ans[i] for i in item["target"].nonzero().flatten().tolist()} == set(label)
     assert set(item) == set(vqa[0])
+
+
+def test_float16_feature_stores_are_used_when_configured(workdir, data):
+    """data.feature_dtype reaches the datasets: the run reads half-precision stores beside fp32 ones."""
+    half = replace(data, feature_dtype="float16")
+    result, rd = run(workdir, finetune_config(half, "nlvr2", None))
+    assert rd.is_done() and 0.0 <= result["metrics"]["accuracy"] <= 100.0
+    stores = Path(data.root) / ".stores"
+    assert any(p.name.endswith(".float16") for p in stores.rglob("*.float16")), sorted(stores.rglob("*"))

@@ -186,7 +186,8 @@ class CrossModalityLayer(nn.Module):
         b, n_lang, _ = lang.shape
         n_visn = visn.shape[1]
         is_lang = torch.arange(n_lang + n_visn, device=lang.device) < n_lang
-        mask = (is_lang[:, None] != is_lang[None, :])[None, None]  # [1, 1, L+O, L+O]
+        # xor, not !=: inductor cannot range-analyse != on booleans (InductorError under compile)
+        mask = torch.logical_xor(is_lang[:, None], is_lang[None, :])[None, None]  # [1, 1, L+O, L+O]
         if lang_mask is not None or visn_mask is not None:
             def keys(m: Tensor | None, n: int) -> Tensor:
                 return torch.ones(b, n, dtype=torch.bool, device=lang.device) if m is None \

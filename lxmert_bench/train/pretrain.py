@@ -150,8 +150,10 @@ def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
     seed_all(config.seed)
     data = config.data
     tokenizer = load_tokenizer(data)
-    corpus = PretrainCorpus(data.root, p.train_splits, image_limit=data.image_limit)
-    valid_corpus = PretrainCorpus(data.root, [p.valid_split], image_limit=data.image_limit)
+    corpus = PretrainCorpus(data.root, p.train_splits, image_limit=data.image_limit,
+                            feature_dtype=data.feature_dtype)
+    valid_corpus = PretrainCorpus(data.root, [p.valid_split], image_limit=data.image_limit,
+                                  feature_dtype=data.feature_dtype)
     if len(corpus) == 0:
         raise ValueError(f"pretraining corpus {list(p.train_splits)} under {data.root} has no "
                          "sentence with loaded image features")
