@@ -1,7 +1,8 @@
 """One full LXMERT pretraining step, ours vs ``transformers.LxmertForPreTraining``.
 
-A step = forward with all five tasks (MLM, matching, obj / attr / feat, QA), backward and a
-``torch.optim.AdamW`` step (same settings on both sides), on the BASE config (768 hidden, 9/5/5
+A step = forward with all five tasks (MLM, matching, obj / attr / feat, QA), backward and an
+optimizer step (ours: our stages' BertAdam, fused; HF: torch's AdamW; ``--ours-optimizer adamw``
+gives both the same AdamW, comparing the models alone), on the BASE config (768 hidden, 9/5/5
 layers, 20 tokens, 36 objects) with dropout on. Both models hold the same weights (HF's random
 init copied into ours with ``load_weights``) and see the same batch. After a warm-up the steps are
 interleaved (ours, HF, ours, HF, ...) in one process, so load from other processes hits both alike;
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lxmert_bench.model import LxmertConfig, LxmertForPretraining, load_weights
 from lxmert_bench.model.weights import hf_config
+from lxmert_bench.train.optim import BertAdam
 
 # Dense peak of one H100 SXM, TFLOP/s.
 H100_PEAK_TFLOPS = {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0}
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (e.g. max-autotune-no-cudagraphs, reduce-overhead)")
+    p.add_argument("--ours-optimizer", default="bertadam", choices=["bertadam", "adamw"],
+                   help="bertadam: our stages' optimizer (fused); adamw: the same foreach AdamW as HF's side")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -169,9 +173,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile:
         ours.sparse_mlm = False  # static shapes: no boolean indexing inside the compiled graph
     runner = torch.compile(ours, mode=args.compile_mode) if args.compile else ours
-    opt = dict(lr=1e-4, weight_decay=0.01, eps=1e-6)  # the same (default foreach) AdamW on both
+    opt = dict(lr=1e-4, weight_decay=0.01, eps=1e-6)
+    # HF ships no optimizer: its side gets torch's default (foreach) AdamW. Ours gets what our
+    # stages train with (BertAdam, fused), or with --ours-optimizer adamw the same AdamW as HF.
+    ours_opt = (BertAdam(ours.parameters(), **opt) if args.ours_optimizer == "bertadam"
+                else torch.optim.AdamW(ours.parameters(), **opt))
     steps = {
-        "ours": make_step(runner, ours_loss, b, torch.optim.AdamW(ours.parameters(), **opt), device, args.bf16),
+        "ours": make_step(runner, ours_loss, b, ours_opt, device, args.bf16),
         "hf": make_step(hf, hf_loss, b, torch.optim.AdamW(hf.parameters(), **opt), device, args.bf16),
     }
     warm_start = time.perf_counter()
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "objects": args.objects,
-        "bf16": args.bf16, "compile": args.compile, "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "bf16": args.bf16, "compile": args.compile, "ours_optimizer": args.ours_optimizer, "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "threads": torch.get_num_threads(), "steps": args.steps, "warmup_s": round(warmup_s, 2),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "eval_loss_diff": loss_diff,
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(f"device={result['device']} ({result['device_name']}) preset={args.preset} batch={args.batch} "
           f"L={args.seq_len} objects={args.objects} bf16={args.bf16} compile={args.compile} "
+          f"optimizers ours={args.ours_optimizer} hf=adamw "
           f"threads={result['threads']}")
     print(f"eval-mode loss difference ours vs HF: {loss_diff:.2e}")
     for name in steps:

@@ -10,10 +10,13 @@ import torch
 from lxmert_bench.config import OptimConfig
 from lxmert_bench.train.optim import BertAdam, WarmupLinearSchedule, build_optimizer, warmup_linear
 
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 
-def test_first_update_has_no_bias_correction_and_decays_weights():
+
+@FUSED
+def test_first_update_has_no_bias_correction_and_decays_weights(fused):
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = BertAdam([p], lr=0.1, weight_decay=0.01)
+    opt = BertAdam([p], lr=0.1, weight_decay=0.01, fused=fused)
     p.grad = torch.tensor([0.5, 0.25])
     opt.step()
     # m = 0.1 g, v = 0.001 g²; update = m / (sqrt(v) + eps) + wd * p
@@ -26,9 +29,10 @@ def test_first_update_has_no_bias_correction_and_decays_weights():
     assert abs(p[0].item() - 1.0) == pytest.approx(0.1 * (0.1 / math.sqrt(0.001)) + 0.001, rel=1e-4)
 
 
-def test_second_update_matches_hand_computation():
+@FUSED
+def test_second_update_matches_hand_computation(fused):
     p = torch.nn.Parameter(torch.tensor([0.3]))
-    opt = BertAdam([p], lr=0.01, weight_decay=0.0)
+    opt = BertAdam([p], lr=0.01, weight_decay=0.0, fused=fused)
     m = v = 0.0
     w = 0.3
     for g in (1.0, -3.0):
@@ -40,10 +44,39 @@ def test_second_update_matches_hand_computation():
     assert p.item() == pytest.approx(w, abs=1e-7)
 
 
-def test_params_without_grad_are_left_alone():
+def test_fused_and_foreach_paths_agree_over_many_steps():
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 2, 4)]
+    runs = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, math.prod(s)).reshape(s)) for s in shapes]
+        opt = BertAdam(params, lr=1e-2, weight_decay=0.01, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=gen)
+            opt.step()
+        runs[fused] = [q.detach().clone() for q in params]
+    for a, b in zip(runs[True], runs[False]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(a, torch.linspace(-1, 1, a.numel()).reshape(a.shape))
+
+
+def test_fused_refuses_mixed_dtypes():
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]
+    for q in params:
+        q.grad = torch.ones_like(q)
+    with pytest.raises(RuntimeError, match="fused"):
+        BertAdam(params, fused=True).step()
+    BertAdam(params).step()  # auto: the foreach path
+    assert not torch.equal(params[1].detach(), torch.ones(2, dtype=torch.float64))
+
+
+@FUSED
+def test_params_without_grad_are_left_alone(fused):
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(3))
-    opt = BertAdam([a, b], lr=0.1, weight_decay=0.5)
+    opt = BertAdam([a, b], lr=0.1, weight_decay=0.5, fused=fused)
     a.grad = torch.ones(3)
     opt.step()
     assert torch.equal(b.detach(), torch.ones(3)) and b not in opt.state

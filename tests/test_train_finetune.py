@@ -33,12 +33,7 @@ RESULT_KEYS = {
 METRIC_KEYS = {"vqa": {"accuracy"}, "gqa": {"accuracy"}, "nlvr2": {"accuracy", "consistency"}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from lxmert_bench.train.stages import ensure_data, run_stage
 SPLITS = ("mscoco_train", "mscoco_nominival", "vgnococo")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one thread is faster than two contended ones
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
