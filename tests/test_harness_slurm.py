@@ -87,9 +87,8 @@ def test_timeout_requeues_and_resumes(tmp_path):
     # step budget (~50 s of compute) needs 2-4 segments and max_num_timeout leaves headroom.
     prof = _slurm_profile(tmp_path, timeout_min=1, signal_delay_s=25, max_num_timeout=10)
     workdir = tmp_path / "wd"
-    sets = ["pretrain.optim.epochs=400",
-            "run.checkpoint_every=20", "run.log_every=20", "finetune.optim.max_steps=2",
-            "pretrain.optim.max_steps=1200"]
+    sets = ["pretrain.optim.epochs=400", "pretrain.optim.max_steps=1200", "run.checkpoint_every=20",
+            "run.log_every=20", "finetune.optim.max_steps=2"]
     args = ["run", str(spec), "--profile", "test", "--executor", "slurm", "--workdir",
             str(workdir), "--slurm-profile", str(prof), "--quiet", "--no-report", "--wait"]
     for s in sets:
