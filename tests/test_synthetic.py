@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from lxmert_bench.data.answers import convert_ans
 from lxmert_bench.data.features import read_obj_tsv
 from lxmert_bench.data.layout import LAYOUT, check_data_root
-from lxmert_bench.data.synthetic import MIN_IMAGES, generate_synthetic, synthetic_main
+from lxmert_bench.data.synthetic import (
+    MIN_IMAGES,
+    OBJECT_IDS,
+    generate_synthetic,
+    synthetic_main,
+)
 
 IMAGES = 1500  # enough examples for the baselines to separate; features kept small for speed
 DIM = 8
@@ -388,3 +393,20 @@ def test_text_alone_cannot_answer_but_the_detections_can(bench) -> None:
     assert vqa["image"] >= max(vqa["majority"], vqa["text"]) + 15
     assert max(nlvr2["majority"], nlvr2["text"]) < 60  # labels are balanced per sentence
     assert nlvr2["image"] >= max(nlvr2["majority"], nlvr2["text"]) + 15
+
+
+def test_most_boxes_show_objects_with_duplicates_inside_them(bench) -> None:
+    """Like a detector's top 36: each object is seen by several overlapping boxes (its own, then
+    parts / duplicates at lower confidence inside it), and the rest is low-confidence clutter."""
+    root, _ = bench
+    object_ids = set(OBJECT_IDS.values())
+    fractions, inside = [], []
+    for r in read_obj_tsv(root / "mscoco_imgfeat/train2014_obj36.tsv"):
+        fractions.append(np.isin(r["objects_id"], list(object_ids)).mean())
+        b, conf = r["boxes"], r["objects_conf"]
+        for i in np.flatnonzero((conf >= 0.3) & (conf <= 0.45)):
+            holders = (conf > 0.45) & (b[:, 0] <= b[i, 0] + 1e-3) & (b[:, 1] <= b[i, 1] + 1e-3) \
+                & (b[:, 2] >= b[i, 2] - 1e-3) & (b[:, 3] >= b[i, 3] - 1e-3)
+            inside.append(holders.any())
+    assert 0.3 < np.mean(fractions) < 0.8
+    assert len(inside) > 100 and np.mean(inside) > 0.8  # the rest: duplicates of a confused box

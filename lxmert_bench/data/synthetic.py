@@ -2,9 +2,10 @@
 
 Every image is a small scene: a few objects (a class such as "dog", a colour, a size, a position)
 and background clutter. A simulated detector turns it into an obj36 row: 36 boxes sorted by
-confidence, labels that are right most of the time (objects_id < 1600, attrs_id < 400), and 2048-d
-features = class embedding + colour + size embeddings + noise, so features carry what the labels say
-and more. Captions, VQA / GQA / Visual7W-style questions and NLVR2 statements are generated from
+confidence (each object's own box, then overlapping duplicates and parts of it at lower
+confidence, then background clutter), labels that are right most of the time (objects_id < 1600,
+attrs_id < 400), and 2048-d features = 3 x class embedding + colour + size embeddings + noise, so
+features carry what the labels say and more. Captions, VQA / GQA / Visual7W-style questions and NLVR2 statements are generated from
 the scenes with balanced answers: the same question text has many answers across images, so text
 alone cannot answer them. The pretraining corpus covers more images than the task training splits
 (as in the real data), so pretraining has something to teach fine-tuning.
@@ -36,7 +37,7 @@ import numpy as np
 from lxmert_bench.data.answers import convert_ans
 from lxmert_bench.data.features import write_obj_tsv
 
-GENERATOR_VERSION = "1"  # bump when the generated files change: it enters the data fingerprint
+GENERATOR_VERSION = "2"  # bump when the generated files change: it enters the data fingerprint
 VOCAB_SIZE = 1024
 MIN_IMAGES = 100
 NUM_BOXES = 36
@@ -72,6 +73,12 @@ VQA_PER_IMAGE, GQA_PER_IMAGE, V7W_PER_IMAGE, CAPTIONS_PER_IMAGE, REGIONS_PER_IMA
 LABEL_ACCURACY = 0.85  # objects_id is the true class this often
 ATTR_ACCURACY = 0.75  # attrs_id is the true colour this often (else another colour or the size)
 FEATURE_NOISE = 1.0
+CLASS_WEIGHT = 3.0  # a detector's RoI features are mostly about the category (~9x the
+# variance of colour + size + noise), as a linear probe on real Faster R-CNN features shows
+# A Faster R-CNN's top 36 boxes hold several overlapping proposals and parts per salient object
+# (NMS is per class and loose), so most boxes carry an object's appearance, not only one each.
+EXTRA_DETECTIONS = (2, 4)  # further boxes per object, drawn from this range (inclusive)
+MAX_OBJECT_BOXES = 28  # leave at least 8 boxes to the background clutter
 ANNOTATOR_ACCURACY = 0.9  # each of the 10 VQA annotators
 
 
@@ -151,6 +158,16 @@ def make_scene(rng: np.random.Generator, img_id: str, pool: Sequence[str] = OBJE
     return scene
 
 
+def _part_box(box: tuple[float, float, float, float], rng: np.random.Generator, width: int,
+              height: int) -> tuple[float, float, float, float]:
+    """A shifted, shrunken proposal inside an object's box (a part or a duplicate detection)."""
+    x1, y1, x2, y2 = box
+    bw, bh = (x2 - x1) * rng.uniform(0.5, 0.9), (y2 - y1) * rng.uniform(0.5, 0.9)
+    cx = rng.uniform(x1 + bw / 2, x2 - bw / 2)
+    cy = rng.uniform(y1 + bh / 2, y2 - bh / 2)
+    return _clip_box(cx, cy, bw, bh, width, height)
+
+
 def _clip_box(cx: float, cy: float, bw: float, bh: float, width: int, height: int
               ) -> tuple[float, float, float, float]:
     x1, x2 = max(0.0, cx - bw / 2), min(width - 1.0, cx + bw / 2)
@@ -170,7 +187,13 @@ class Detector:
         self.attr_emb = rng.standard_normal((len(self.attr_index), feature_dim), dtype=np.float32)
 
     def row(self, scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
-        n_real = min(len(scene.things), NUM_BOXES)
+        # each object once (its best detection), then duplicates / parts at lower confidence
+        things = [(t, True) for t in scene.things]
+        for t in scene.things:
+            extra = int(rng.integers(EXTRA_DETECTIONS[0], EXTRA_DETECTIONS[1] + 1))
+            things += [(t, False)] * extra
+        things = things[:max(MAX_OBJECT_BOXES, len(scene.things))]
+        n_real = min(len(things), NUM_BOXES)
         w, h = scene.width, scene.height
         boxes = np.zeros((NUM_BOXES, 4), np.float32)
         obj_id = np.zeros(NUM_BOXES, np.int64)
@@ -180,8 +203,8 @@ class Detector:
         cls = np.zeros(NUM_BOXES, np.int64)  # true class / attribute rows of the embeddings
         attr_a = np.zeros(NUM_BOXES, np.int64)
         attr_b = np.full(NUM_BOXES, -1, np.int64)
-        for i, t in enumerate(scene.things[:n_real]):
-            boxes[i] = t.box
+        for i, (t, primary) in enumerate(things[:n_real]):
+            boxes[i] = t.box if primary else _part_box(t.box, rng, w, h)
             cls[i], attr_a[i], attr_b[i] = (self.class_index[t.name], self.attr_index[t.color],
                                             self.attr_index[t.size])
             if rng.random() < LABEL_ACCURACY:
@@ -189,6 +212,8 @@ class Detector:
             else:  # a confusion with another object class, at lower confidence
                 other = _pick(rng, [n for n in OBJECTS if n != t.name])
                 obj_id[i], obj_conf[i] = OBJECT_IDS[other], rng.uniform(0.25, 0.6)
+            if not primary:  # a duplicate or part: less sure than the object's own box
+                obj_conf[i] = rng.uniform(0.3, 0.45)
             u = rng.random()
             if u < ATTR_ACCURACY:
                 attr_id[i] = COLOR_IDS[t.color]
@@ -204,7 +229,7 @@ class Detector:
             cls[i], attr_a[i] = self.class_index[bg], self.attr_index[bg_attr]
             obj_id[i], obj_conf[i] = BACKGROUND_IDS[bg], rng.uniform(0.01, 0.3)
             attr_id[i], attr_conf[i] = BACKGROUND_ATTR_IDS[bg_attr], rng.uniform(0.02, 0.3)
-        feats = self.class_emb[cls] + self.attr_emb[attr_a]
+        feats = CLASS_WEIGHT * self.class_emb[cls] + self.attr_emb[attr_a]
         feats[attr_b >= 0] += self.attr_emb[attr_b[attr_b >= 0]]
         feats += FEATURE_NOISE * rng.standard_normal(feats.shape, dtype=np.float32)
         np.maximum(feats, 0, out=feats)  # post-ReLU, like pool5 features
