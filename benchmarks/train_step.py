@@ -110,14 +110,15 @@ def demo_schedule() -> dict[str, float]:
 def demo(workdir: Path, device: str, seed: int = 0, **schedule: float) -> dict:
     """Pretraining then VQA / GQA / NLVR2 fine-tuning, and the same fine-tunings from scratch
     (Table 3's "Train + scratch"), on the demo profile's schedule unless ``schedule`` says otherwise."""
+    from lxmert_bench.plan import synthetic_name
     from lxmert_bench.store import RunDir
     from lxmert_bench.train.stages import ensure_data, run_stage
 
     sched = {**demo_schedule(), **{k: v for k, v in schedule.items() if v is not None}}
     images = int(sched["images"])
 
-    data = DataConfig(root=str(workdir / "data" / f"synthetic-{images}-0"), synthetic=True,
-                      synthetic_images=images)
+    data = DataConfig(synthetic=True, synthetic_images=images)
+    data = replace(data, root=str(workdir / "data" / synthetic_name(data)))
     model = LxmertConfig.preset("tiny")
     common = dict(model=model, data=data, log_every=10, checkpoint_every=200, device=device)
     timings: dict[str, float] = {}

@@ -140,22 +140,25 @@ def apply(obj: Any, flat: dict[str, Any]) -> Any:
     return replace(obj, **{k: v for k, v in direct.items() if k in names})
 
 
+def synthetic_name(data: DataConfig) -> str:
+    """A synthetic benchmark's generator inputs (version, images, seed): its fingerprint and the
+    name of its default directory, so a new generator version never reuses old files."""
+    from lxmert_bench.data.synthetic import GENERATOR_VERSION
+
+    return f"synthetic-v{GENERATOR_VERSION}-{data.synthetic_images}-{data.synthetic_seed}"
+
+
 def _data_config(settings: dict[str, Any], workdir: Path) -> DataConfig:
     data = apply(DataConfig(), _split(settings, "data."))
     if data.synthetic and "data.root" not in settings:
-        root = workdir / "data" / f"synthetic-{data.synthetic_images}-{data.synthetic_seed}"
-        data = replace(data, root=str(root))
+        data = replace(data, root=str(workdir / "data" / synthetic_name(data)))
     return data
 
 
 def data_fingerprint(data: DataConfig, needs: list[tuple[str, str]]) -> str:
     """Fingerprint of the files a stage reads; for a synthetic benchmark, of its generator inputs."""
     if data.synthetic:
-        try:
-            from lxmert_bench.data.synthetic import GENERATOR_VERSION
-        except ImportError:
-            GENERATOR_VERSION = "0"
-        return f"synthetic-v{GENERATOR_VERSION}-{data.synthetic_images}-{data.synthetic_seed}"
+        return synthetic_name(data)
     if not Path(data.root).is_dir():
         return "missing"  # check_data() reports it before anything runs
     from lxmert_bench.data.layout import fingerprint_data_root
@@ -283,6 +286,13 @@ def check_data(plan: Plan) -> list[str]:
             s = spec.settings(v)
             data = apply(DataConfig(), _split(s, "data."))
             if data.synthetic:
+                if "data.root" in s:  # the default root is named by generator version and inputs
+                    from lxmert_bench.data.synthetic import synthetic_root_problem
+
+                    problem = synthetic_root_problem(data.root, data.synthetic_images,
+                                                     data.synthetic_seed)
+                    if problem:
+                        problems.append(f"{spec.path}: data.root: {problem}")
                 continue
             needs_by_root.setdefault(data.root, []).extend(data_needs(s, spec.tasks))
             if data.vocab and not Path(data.vocab).is_file():

@@ -179,3 +179,26 @@ def test_cli_missing_data_root_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.root" in err and "no-such-data" in err and "directory not found" in err
     assert not (workdir / "runs").exists()
+
+
+def test_cli_synthetic_root_of_another_generator_version_exit_2(tmp_path, capsys):
+    """A synthetic benchmark written by another generator version would not be what the data
+    fingerprint says: refused before anything is submitted, naming the file and both versions."""
+    import json
+
+    from lxmert_bench.data.synthetic import GENERATOR_VERSION
+
+    root = tmp_path / "syn"
+    root.mkdir()
+    summary = {"generator_version": "0", "images": 120, "seed": 0}
+    (root / "synthetic.json").write_text(json.dumps(summary))
+    spec = write(tmp_path, GOOD)
+    workdir = tmp_path / "wd"
+    code = main(["run", str(spec), "--workdir", str(workdir), "--profile", "test",
+                 "--set", f"data.root={root}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "synthetic.json" in err and str(root) in err
+    assert f"'generator_version': '{GENERATOR_VERSION}'" in err
+    assert not (workdir / "runs").exists()
+    assert json.loads((root / "synthetic.json").read_text()) == summary  # left as it was

@@ -17,10 +17,12 @@ from lxmert_bench.data.answers import convert_ans
 from lxmert_bench.data.features import read_obj_tsv
 from lxmert_bench.data.layout import LAYOUT, check_data_root
 from lxmert_bench.data.synthetic import (
+    DUPLICATE_CONF,
     MIN_IMAGES,
     OBJECT_IDS,
     generate_synthetic,
     synthetic_main,
+    synthetic_root_problem,
 )
 
 IMAGES = 1500  # enough examples for the baselines to separate; features kept small for speed
@@ -399,14 +401,30 @@ def test_most_boxes_show_objects_with_duplicates_inside_them(bench) -> None:
     """Like a detector's top 36: each object is seen by several overlapping boxes (its own, then
     parts / duplicates at lower confidence inside it), and the rest is low-confidence clutter."""
     root, _ = bench
-    object_ids = set(OBJECT_IDS.values())
+    object_ids = list(OBJECT_IDS.values())
+    low, high = DUPLICATE_CONF
     fractions, inside = [], []
     for r in read_obj_tsv(root / "mscoco_imgfeat/train2014_obj36.tsv"):
-        fractions.append(np.isin(r["objects_id"], list(object_ids)).mean())
+        fractions.append(np.isin(r["objects_id"], object_ids).mean())
         b, conf = r["boxes"], r["objects_conf"]
-        for i in np.flatnonzero((conf >= 0.3) & (conf <= 0.45)):
-            holders = (conf > 0.45) & (b[:, 0] <= b[i, 0] + 1e-3) & (b[:, 1] <= b[i, 1] + 1e-3) \
+        for i in np.flatnonzero((conf >= low) & (conf <= high)):
+            holders = (conf > high) & (b[:, 0] <= b[i, 0] + 1e-3) & (b[:, 1] <= b[i, 1] + 1e-3) \
                 & (b[:, 2] >= b[i, 2] - 1e-3) & (b[:, 3] >= b[i, 3] - 1e-3)
             inside.append(holders.any())
     assert 0.3 < np.mean(fractions) < 0.8
     assert len(inside) > 100 and np.mean(inside) > 0.8  # the rest: duplicates of a confused box
+
+
+def test_a_root_generated_with_other_inputs_is_refused_not_reused(tmp_path) -> None:
+    from lxmert_bench.config import DataConfig
+    from lxmert_bench.train.stages import ensure_data
+
+    root = tmp_path / "syn"
+    generate_synthetic(root, images=MIN_IMAGES, seed=0, feature_dim=DIM, progress=False)
+    assert synthetic_root_problem(root, MIN_IMAGES, 0) is None
+    assert ensure_data(DataConfig(root=str(root), synthetic=True, synthetic_images=MIN_IMAGES)) == root
+    problem = synthetic_root_problem(root, MIN_IMAGES + 20, 0)
+    assert problem and "synthetic.json" in problem and f"'images': {MIN_IMAGES + 20}" in problem
+    with pytest.raises(ValueError, match="remove the directory to regenerate it"):
+        ensure_data(DataConfig(root=str(root), synthetic=True, synthetic_images=MIN_IMAGES + 20))
+    assert (root / "vocab.txt").is_file()  # nothing removed

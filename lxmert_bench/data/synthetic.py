@@ -5,8 +5,8 @@ and background clutter. A simulated detector turns it into an obj36 row: 36 boxe
 confidence (each object's own box, then overlapping duplicates and parts of it at lower
 confidence, then background clutter), labels that are right most of the time (objects_id < 1600,
 attrs_id < 400), and 2048-d features = 3 x class embedding + colour + size embeddings + noise, so
-features carry what the labels say and more. Captions, VQA / GQA / Visual7W-style questions and NLVR2 statements are generated from
-the scenes with balanced answers: the same question text has many answers across images, so text
+features carry what the labels say and more. Captions, VQA / GQA / Visual7W-style questions and
+NLVR2 statements are generated from the scenes with balanced answers: the same question text has many answers across images, so text
 alone cannot answer them. The pretraining corpus covers more images than the task training splits
 (as in the real data), so pretraining has something to teach fine-tuning.
 
@@ -79,6 +79,7 @@ CLASS_WEIGHT = 3.0  # a detector's RoI features are mostly about the category (~
 # (NMS is per class and loose), so most boxes carry an object's appearance, not only one each.
 EXTRA_DETECTIONS = (2, 4)  # further boxes per object, drawn from this range (inclusive)
 MAX_OBJECT_BOXES = 28  # leave at least 8 boxes to the background clutter
+DUPLICATE_CONF = (0.3, 0.45)  # detector confidence of those further boxes
 ANNOTATOR_ACCURACY = 0.9  # each of the 10 VQA annotators
 
 
@@ -213,7 +214,7 @@ class Detector:
                 other = _pick(rng, [n for n in OBJECTS if n != t.name])
                 obj_id[i], obj_conf[i] = OBJECT_IDS[other], rng.uniform(0.25, 0.6)
             if not primary:  # a duplicate or part: less sure than the object's own box
-                obj_conf[i] = rng.uniform(0.3, 0.45)
+                obj_conf[i] = rng.uniform(*DUPLICATE_CONF)
             u = rng.random()
             if u < ATTR_ACCURACY:
                 attr_id[i] = COLOR_IDS[t.color]
@@ -778,6 +779,25 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
     say(f"done in {summary['seconds']:.1f}s: " + ", ".join(
         f"{k} {v}" for k, v in summary["examples"].items()))
     return summary
+
+
+def synthetic_root_problem(root: str | Path, images: int, seed: int) -> str | None:
+    """Why ``root`` cannot serve as the synthetic benchmark (``images``, ``seed``) of this generator
+    version, or None (also when nothing is there yet): its files would not be what the data
+    fingerprint says."""
+    summary_path = Path(root) / "synthetic.json"
+    if not summary_path.is_file():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{summary_path}: unreadable ({e}); remove {root} to regenerate it"
+    wanted = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed}
+    found = {k: summary.get(k) for k in wanted}
+    if found == wanted:
+        return None
+    return (f"{root}: holds a synthetic benchmark with {found} (synthetic.json), expected {wanted}; "
+            "remove the directory to regenerate it, or point data.root elsewhere")
 
 
 def synthetic_main(out: str, images: int, seed: int) -> int:

@@ -113,6 +113,12 @@ def ensure_data(data: DataConfig) -> Path:
     """The data root; a synthetic benchmark that is missing is generated there first (once, under a
     lock, into a temporary directory renamed into place, so no reader sees half of it)."""
     root = Path(data.root)
+    if data.synthetic:
+        from lxmert_bench.data.synthetic import synthetic_root_problem
+
+        problem = synthetic_root_problem(root, data.synthetic_images, data.synthetic_seed)
+        if problem:
+            raise ValueError(f"data.root {problem}")
     if (root / "vocab.txt").is_file() or (root.is_dir() and not data.synthetic):
         return root
     if not data.synthetic:
