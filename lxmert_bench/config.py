@@ -12,10 +12,30 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lxmert_bench.model.config import LxmertConfig
+
+# How a config field takes part in a stage's identity (its hash), declared in the field's metadata:
+# - PROVENANCE: never (paths, logging cadence, devices): recorded in config.json, not hashed;
+# - ADDED_LATER: only when set away from its default, so a field added after runs were finished
+#   leaves their hashes as they were (an upgrade never turns finished work into "to run").
+# Every other field is always part of the identity.
+IDENTITY = "identity"
+PROVENANCE = {IDENTITY: "never"}
+ADDED_LATER = {IDENTITY: "unless_default"}
+
+
+def provenance(default: Any) -> Any:
+    """A field that does not change results (kept out of the hash)."""
+    return field(default=default, metadata=PROVENANCE)
+
+
+def added_later(default: Any) -> Any:
+    """A result-changing field added after stages were run: hashed only away from its default."""
+    return field(default=default, metadata=ADDED_LATER)
+
 
 StageKind = Literal["bert", "pretrain", "finetune"]
 TaskName = Literal["vqa", "gqa", "nlvr2"]
@@ -30,7 +50,7 @@ class DataConfig:
     ``root`` is not part of a run's identity: ``fingerprint`` (of the files under it) is.
     """
 
-    root: str = "data"
+    root: str = provenance("data")
     vocab: str | None = None  # BERT vocab.txt; None: <root>/vocab.txt, else bert-base-uncased's
     synthetic: bool = False  # generate the synthetic benchmark into root when it is missing
     synthetic_images: int = 600
@@ -38,7 +58,7 @@ class DataConfig:
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the memory-mapped store
     max_seq_length: int = 20
     image_limit: int | None = None  # like the official --tiny / --fast: first N images per split
-    num_workers: int = 0
+    num_workers: int = provenance(0)
     fingerprint: str = ""  # filled in by the planner
 
 
@@ -129,10 +149,10 @@ class RunConfig:
     pretrain: PretrainConfig | None = None
     finetune: FinetuneConfig | None = None
     init_from: str | None = None
-    log_every: int = 50
+    log_every: int = provenance(50)
     checkpoint_every: int = 1000  # steps; also at each epoch end and at the end
     eval_every_epoch: bool = True
-    device: str = "auto"  # auto: cuda if available
+    device: str = provenance("auto")  # auto: cuda if available
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     code_version: str = ""  # filled in by the planner
 
@@ -153,13 +173,9 @@ class RunConfig:
 
     # --- identity ------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        """What decides the result: everything but paths and logging cadence."""
-        d = self.to_dict()
-        d["data"].pop("root", None)
-        d["data"].pop("num_workers", None)
-        for k in ("log_every", "device"):
-            d.pop(k, None)
-        return d
+        """What decides the result: every field but provenance, and fields added later only when
+        they are set away from their defaults (see ``IDENTITY``)."""
+        return _identity(self)
 
     def content_hash(self, length: int = 12) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
@@ -176,6 +192,27 @@ class RunConfig:
         if sub is None:
             raise ValueError(f"RunConfig of kind {self.kind!r} has no '{self.kind}' section")
         return sub
+
+
+def _identity(obj: Any) -> Any:
+    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        return _to_jsonable(obj)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        role = f.metadata.get(IDENTITY)
+        value = getattr(obj, f.name)
+        if role == "never" or (role == "unless_default" and value == _default(f)):
+            continue
+        out[f.name] = _identity(value)
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def _to_jsonable(obj: Any) -> Any:
