@@ -12,6 +12,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,9 +33,21 @@ def provenance(default: Any) -> Any:
     return field(default=default, metadata=PROVENANCE)
 
 
-def added_later(default: Any) -> Any:
-    """A result-changing field added after stages were run: hashed only away from its default."""
-    return field(default=default, metadata=ADDED_LATER)
+def added_later(default: Any, *, legacy: Any = dataclasses.MISSING,
+                applies: Callable[[Any], bool] | None = None) -> Any:
+    """A result-changing field added after stages were run: hashed only away from its default.
+
+    ``legacy``: the value that gives what stages computed before the field existed, when that is
+    not the default (a default that corrects old behaviour); the field is then hashed unless it is
+    ``legacy``, so old stages keep their hashes and the new behaviour gets new ones.
+    ``applies(section)``: False where the field has no effect, and it stays out of the hash.
+    """
+    meta: dict[str, Any] = dict(ADDED_LATER)
+    if legacy is not dataclasses.MISSING:
+        meta["legacy"] = legacy
+    if applies is not None:
+        meta["applies"] = applies
+    return field(default=default, metadata=meta)
 
 
 StageKind = Literal["bert", "pretrain", "finetune"]
@@ -100,6 +113,11 @@ class PretrainConfig:
     feat_loss: Literal["smooth_l1", "l2"] = "smooth_l1"  # code vs paper
     label_targets: Literal["all_confidence", "masked"] = "all_confidence"  # code vs paper
     visual_loss_weight: float = 1 / 0.15
+    # Inputs of the MLM / object tasks when they are off: "official" masks words and objects all
+    # the same (the official code always does; no loss is taken), "none" leaves them as they are
+    # (what stages planned before this field did, so "none" keeps their hashes).
+    mask_inactive: Literal["official", "none"] = added_later(
+        "official", legacy="none", applies=lambda p: not (p.mask_lm and p.visual_losses))
     # initialisation: "scratch" (paper default) or "bert" (from the BERT stage or a checkpoint)
     init: Literal["scratch", "bert"] = "scratch"
     bert_checkpoint: str | None = None  # HF BERT checkpoint; None with init=bert: the BERT stage
@@ -201,8 +219,12 @@ def _identity(obj: Any) -> Any:
     for f in dataclasses.fields(obj):
         role = f.metadata.get(IDENTITY)
         value = getattr(obj, f.name)
-        if role == "never" or (role == "unless_default" and value == _default(f)):
+        if role == "never":
             continue
+        if role == "unless_default":
+            applies = f.metadata.get("applies")
+            if value == f.metadata.get("legacy", _default(f)) or (applies and not applies(obj)):
+                continue
         out[f.name] = _identity(value)
     return out
 

@@ -82,8 +82,10 @@ def test_qa_labels_only_on_matched_pairs(corpus, data):
             assert list(e["input_ids"]) == own
 
 
-def test_switched_off_tasks_change_nothing(corpus, data):
-    ex = examples(corpus, data, mask_lm=False, matched=False, visual_losses=(), qa=False)
+def test_switched_off_tasks_change_nothing_with_mask_inactive_none(corpus, data):
+    # the default masks them as the official code does: tests/test_official_inputs.py
+    ex = examples(corpus, data, mask_lm=False, matched=False, visual_losses=(), qa=False,
+                  mask_inactive="none")
     tok = load_tokenizer(data)
     for i, e in enumerate(build(ex, 100)):
         entry = corpus.entries[i]

@@ -100,9 +100,10 @@ class PretrainExamples:
     """Pretraining examples from a :class:`~lxmert_bench.data.tasks.PretrainCorpus` (the loop's
     ``TrainData``): ``example(index, epoch, rng)`` builds one masked, possibly mismatched pair.
 
-    Only the active tasks draw randomness and change the inputs: without the MLM task words are
-    not masked, without visual losses objects are not masked, without the matching task every pair
-    is matched. (The official code masks words and objects even for tasks that are off.)
+    ``mask_inactive="official"`` (default): words and objects are masked even when the MLM task or
+    every visual loss is off, as the official code does; such a task only gets no targets (no
+    loss). ``"none"``: a task that is off leaves its inputs as they are. Without the matching task
+    every pair is matched.
     ``qa_from_epoch``: first 0-based epoch whose examples carry QA labels (None: never).
     """
 
@@ -110,7 +111,7 @@ class PretrainExamples:
                  visual_losses: tuple[str, ...] = ("obj", "attr", "feat"), qa: bool = True,
                  qa_from_epoch: int | None = 0, word_mask_rate: float = 0.15,
                  obj_mask_rate: float = 0.15, obj_mask_mode: str = "official",
-                 label_targets: str = "all_confidence"):
+                 label_targets: str = "all_confidence", mask_inactive: str = "official"):
         unknown = sorted(set(visual_losses) - {"obj", "attr", "feat"})
         if unknown:
             raise ValueError(f"pretrain.visual_losses: unknown {unknown}; expected a subset of "
@@ -120,6 +121,10 @@ class PretrainExamples:
                              f"got {label_targets!r}")
         if obj_mask_mode not in ("official", "zero"):
             raise ValueError(f"pretrain.obj_mask_mode: expected 'official' or 'zero', got {obj_mask_mode!r}")
+        if mask_inactive not in ("official", "none"):
+            raise ValueError(f"pretrain.mask_inactive: expected 'official' or 'none', got {mask_inactive!r}")
+        self.mask_words = mask_lm or mask_inactive == "official"
+        self.mask_objects = bool(visual_losses) or mask_inactive == "official"
         self.corpus, self.tokenizer = corpus, tokenizer
         self.mask_lm, self.matched, self.qa = mask_lm, matched, qa
         self.visual_losses = tuple(visual_losses)
@@ -151,14 +156,16 @@ class PretrainExamples:
             sent, is_matched = self._other_sentence(entry["img_id"], rng), 0
         ids, attention = (np.asarray(a, dtype=np.int64) for a in self.tokenizer.encode(sent))
         lm_labels = np.full_like(ids, IGNORE)
-        if self.mask_lm:
+        if self.mask_words:
             maskable = (attention == 1) & ~np.isin(ids, self._specials)
             ids, lm_labels = mask_words(ids, maskable, rng, self.word_mask_rate,
                                         self.tokenizer.mask_id, self.tokenizer.vocab_size)
+            if not self.mask_lm:  # masked input, no MLM target
+                lm_labels = np.full_like(ids, IGNORE)
         img = self.corpus.features(entry["img_id"])
         original = np.asarray(img["features"], dtype=np.float32)
         feats, feat_mask = original, np.zeros(original.shape[0], dtype=np.float32)
-        if self.visual_losses:
+        if self.mask_objects:
             feats, feat_mask = mask_objects(original, rng, self.obj_mask_rate, self.obj_mask_mode,
                                             self.corpus.random_feature)
         ans = IGNORE

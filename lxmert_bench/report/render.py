@@ -48,6 +48,8 @@ SWITCHES: tuple[tuple[str, str, Any, Any], ...] = (
     ("pretrain.visual_loss_weight", "visual loss weight", 1.0, round(1 / 0.15, 4)),
     ("pretrain.label_targets", "label classification targets", "masked", "all_confidence"),
     ("pretrain.obj_mask_mode", "object masking", "zero", "official"),
+    ("pretrain.mask_inactive", "masked inputs when the MLM or object tasks are off", "not stated",
+     "official"),
     ("pretrain.qa_start", "image-QA loss from (fraction of epochs)", 0.5, 0.0),
     ("bert_layers", "BERT layers used for initialisation", "top", "bottom"),
     ("finetune.nlvr2.loss", "NLVR² head loss", "bce", "ce"),

@@ -68,6 +68,7 @@ def make_examples(p: PretrainConfig, corpus: Any, tokenizer: Any, qa_from: int |
         corpus, tokenizer, mask_lm=p.mask_lm, matched=p.matched, visual_losses=p.visual_losses,
         qa=p.qa, qa_from_epoch=qa_from, word_mask_rate=p.word_mask_rate,
         obj_mask_rate=p.obj_mask_rate, obj_mask_mode=p.obj_mask_mode, label_targets=p.label_targets,
+        mask_inactive=p.mask_inactive,
     )
 
 
