@@ -26,13 +26,18 @@ from lxmert_bench.io import read_json
 class ImageFeatures:
     """The images some splits read: one store per feature TSV, limited to the first ``topk`` images
     of the file where the split (or ``image_limit``) says so. Shared TSVs are opened once.
-    ``feature_dtype`` "float16" halves the stores' size (features are still returned as float32)."""
+    ``feature_dtype`` "float16" halves the stores' size (features are still returned as float32).
+    ``num_objects`` (``model.num_objects``): each image's first N boxes, the most confident ones
+    in obj36 files (None: all of them, as the official code)."""
 
     def __init__(self, root: str | Path, entries: Iterable[SplitFiles], image_limit: int | None = None,
-                 feature_dtype: str = "float32"):
+                 feature_dtype: str = "float32", num_objects: int | None = None):
         from lxmert_bench.data.store import ensure_store
 
+        if num_objects is not None and num_objects < 1:
+            raise ValueError(f"model.num_objects={num_objects}: expected at least 1")
         self.root = Path(root)
+        self.num_objects = num_objects
         self._stores: dict[str, Any] = {}
         self._owner: dict[str, Any] = {}  # img_id -> store holding it
         for entry in entries:
@@ -44,6 +49,9 @@ class ImageFeatures:
                         [self.root / rel], store_dir(self.root, rel, feature_dtype),
                         feature_dtype=feature_dtype)
                 store = self._stores[rel]
+                if num_objects is not None and num_objects > store.num_boxes:
+                    raise ValueError(f"model.num_objects={num_objects}, but {self.root / rel} has "
+                                     f"{store.num_boxes} boxes per image")
                 ids = list(store.img_ids)
                 for img_id in ids if topk is None else ids[:topk]:
                     self._owner.setdefault(img_id, store)
@@ -59,13 +67,19 @@ class ImageFeatures:
         return list(self._owner)
 
     def get(self, img_id: str) -> dict[str, np.ndarray]:
-        """features float32 [36, D], boxes normalised to [0, 1] [36, 4], detector labels."""
+        """features float32 [N, D], boxes normalised to [0, 1] [N, 4], detector labels
+        (N = ``num_objects``, else every box: 36)."""
         try:
             store = self._owner[img_id]
         except KeyError:
             raise KeyError(f"image {img_id!r} is not among the loaded features "
                            f"({', '.join(self._stores)})") from None
-        return store.get(img_id)
+        item = store.get(img_id)
+        n = self.num_objects
+        if n is not None:
+            for key in ("features", "boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
+                item[key] = item[key][:n]
+        return item
 
 
 def _float(a: np.ndarray) -> torch.Tensor:
@@ -119,7 +133,8 @@ class _QADataset(Dataset):
     _required: dict[str, type | tuple[type, ...]] = {}
 
     def __init__(self, root: str | Path, splits: Sequence[str], tokenizer: Any,
-                 image_limit: int | None = None, feature_dtype: str = "float32"):
+                 image_limit: int | None = None, feature_dtype: str = "float32",
+                 num_objects: int | None = None):
         if isinstance(splits, str):
             splits = splits.split(",")
         self.root, self.splits, self.tokenizer = Path(root), tuple(splits), tokenizer
@@ -129,7 +144,7 @@ class _QADataset(Dataset):
         for entry in entries:
             raw += load_split_json(entry.json_path(self.root), self._required,
                                    f"{self.task.upper()} question")
-        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype)
+        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype, num_objects)
         self.examples = [d for d in raw if d["img_id"] in self.images]
 
     @property
@@ -195,7 +210,8 @@ class NLVR2Dataset(Dataset):
     _required = {"identifier": str, "img0": str, "img1": str, "sent": str}
 
     def __init__(self, root: str | Path, splits: Sequence[str], tokenizer: Any,
-                 image_limit: int | None = None, feature_dtype: str = "float32"):
+                 image_limit: int | None = None, feature_dtype: str = "float32",
+                 num_objects: int | None = None):
         if isinstance(splits, str):
             splits = splits.split(",")
         self.root, self.splits, self.tokenizer = Path(root), tuple(splits), tokenizer
@@ -204,7 +220,7 @@ class NLVR2Dataset(Dataset):
         for entry in entries:
             raw += load_split_json(entry.json_path(self.root), self._required, "NLVR2 statement",
                                    label_type=int)
-        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype)
+        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype, num_objects)
         self.examples = [d for d in raw if d["img0"] in self.images and d["img1"] in self.images]
 
     @property
@@ -237,7 +253,8 @@ class PretrainCorpus:
     matching logic lives in data/pretrain.py."""
 
     def __init__(self, root: str | Path, splits: Sequence[str], image_limit: int | None = None,
-                 qa_sets: Iterable[str] | None = None, feature_dtype: str = "float32"):
+                 qa_sets: Iterable[str] | None = None, feature_dtype: str = "float32",
+                 num_objects: int | None = None):
         if isinstance(splits, str):
             splits = splits.split(",")
         self.root, self.splits = Path(root), tuple(splits)
@@ -250,7 +267,7 @@ class PretrainCorpus:
             for i, rec in enumerate(records):
                 self._check(rec, path, i)
             data += records
-        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype)
+        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype, num_objects)
         self.entries: list[dict[str, Any]] = []
         for datum in data:
             img_id = datum["img_id"]

@@ -114,14 +114,16 @@ def load_datasets(config: RunConfig, tokenizer: Any) -> tuple[Any, Any]:
     if ft.task not in classes:
         raise ValueError(f"finetune.task: unknown task {ft.task!r}; expected one of {sorted(classes)}")
     cls = classes[ft.task]
-    root, limit, dtype = config.data.root, config.data.image_limit, config.data.feature_dtype
-    train_data = cls(root, ft.train_splits, tokenizer, image_limit=limit, feature_dtype=dtype)
-    dev_data = cls(root, [ft.valid_split], tokenizer, image_limit=limit, feature_dtype=dtype)
+    root = config.data.root
+    read = dict(image_limit=config.data.image_limit, feature_dtype=config.data.feature_dtype,
+                num_objects=config.model.num_objects)
+    train_data = cls(root, ft.train_splits, tokenizer, **read)
+    dev_data = cls(root, [ft.valid_split], tokenizer, **read)
     if ft.data_augmentation:
         if ft.task not in QA_TASKS:
             raise ValueError(f"finetune.data_augmentation: only for VQA and GQA, not {ft.task!r}")
         pre = config.pretrain.train_splits if config.pretrain else ("mscoco_train", "mscoco_nominival", "vgnococo")
-        train_data = AugmentedQA(train_data, PretrainCorpus(root, pre, image_limit=limit, feature_dtype=dtype), ft.task, tokenizer)
+        train_data = AugmentedQA(train_data, PretrainCorpus(root, pre, **read), ft.task, tokenizer)
     if len(train_data) == 0:
         raise ValueError(f"{ft.task} {list(ft.train_splits)} under {root}: no example has image features")
     if len(dev_data) == 0:

@@ -140,8 +140,19 @@ def init_from_bert(model: torch.nn.Module, config: RunConfig, run_dir: RunDir) -
     return source
 
 
-def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str, Any]:
+def load_corpora(config: RunConfig) -> tuple[Any, Any]:
+    """The training and validation corpora, with ``model.num_objects`` boxes per image."""
     from lxmert_bench.data.tasks import PretrainCorpus
+
+    p, data = config.pretrain, config.data
+    assert p is not None
+    read = dict(image_limit=data.image_limit, feature_dtype=data.feature_dtype,
+                num_objects=config.model.num_objects)
+    return (PretrainCorpus(data.root, p.train_splits, **read),
+            PretrainCorpus(data.root, [p.valid_split], **read))
+
+
+def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str, Any]:
     from lxmert_bench.train.common import load_tokenizer
 
     p = config.pretrain
@@ -151,10 +162,7 @@ def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
     seed_all(config.seed)
     data = config.data
     tokenizer = load_tokenizer(data)
-    corpus = PretrainCorpus(data.root, p.train_splits, image_limit=data.image_limit,
-                            feature_dtype=data.feature_dtype)
-    valid_corpus = PretrainCorpus(data.root, [p.valid_split], image_limit=data.image_limit,
-                                  feature_dtype=data.feature_dtype)
+    corpus, valid_corpus = load_corpora(config)
     if len(corpus) == 0:
         raise ValueError(f"pretraining corpus {list(p.train_splits)} under {data.root} has no "
                          "sentence with loaded image features")
