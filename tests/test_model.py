@@ -112,7 +112,11 @@ def test_every_task_subset_runs_with_only_its_losses(visual: tuple[str, ...], ml
                                                      matched: bool, qa: bool) -> None:
     torch.manual_seed(0)
     model = LxmertForPretraining(CONFIG, visual_losses=visual, mask_lm=mlm, matched=matched, qa=qa)
-    assert set(model.obj_predict_head.decoder_dict) == set(visual)
+    if visual:
+        assert set(model.obj_predict_head.decoder_dict) == set(visual)
+    else:  # as the official model: no object head without object prediction
+        assert model.obj_predict_head is None
+    assert (model.answer_head is None) == (not qa)
     x = inputs()
     out = run(model, x, labels(x))
     active = {*visual} | {k for k, on in (("mlm", mlm), ("matched", matched), ("qa", qa)) if on}

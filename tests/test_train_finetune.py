@@ -163,7 +163,7 @@ def test_bert_stage_then_pretraining_and_finetuning_from_it(workdir, data):
         assert pre["init"].endswith("model.pt")
         # lr 0: after one step only decoupled decay (x (1 - 0)) touched the weights: layer 0 = BERT layer `first`
         loaded = torch.load(pre_rd.checkpoint_dir / "model.pt", weights_only=True)
-        key = "bert.encoder.layer.0.attention.self.query.weight"
+        key = "module.bert.encoder.layer.0.attention.self.query.weight"  # official LXRT layout
         assert torch.equal(loaded[key], state[f"bert.encoder.layer.{first}.attention.self.query.weight"])
 
     ft_cfg = finetune_config(data, "nlvr2", bert_cfg.stage_id, bert_layers="top")

@@ -168,8 +168,9 @@ def test_every_task_subset_runs(tmp_path, data, subset):
     assert all(set(r["losses"]) == set(tasks) for r in steps)
     # model.pt holds the official names and loads back into a model with the same heads
     state = torch.load(rd.checkpoint_dir / "model.pt", weights_only=True)
-    assert "bert.embeddings.word_embeddings.weight" in state
-    assert ("obj_predict_head.decoder_dict.feat.weight" in state) == ("feat" in tasks)
+    assert "module.bert.embeddings.word_embeddings.weight" in state  # official layout
+    assert ("module.obj_predict_head.decoder_dict.feat.weight" in state) == ("feat" in tasks)
+    assert any(k.startswith("module.answer_head.") for k in state) == ("qa" in tasks)
     p = cfg.pretrain
     again = LxmertForPretraining(
         LxmertConfig.preset("test", num_qa_labels=result["num_qa_labels"]), visual_losses=p.visual_losses,

@@ -100,7 +100,12 @@ class AnswerHead(nn.Module):
 
 
 class LxmertForPretraining(nn.Module):
-    """LXMERT with the four pretraining heads; any subset of tasks and visual losses."""
+    """LXMERT with the pretraining heads; any subset of tasks and visual losses.
+
+    As the official ``LXRTPretraining``: ``cls`` (MLM and matching) always, ``obj_predict_head``
+    only with visual losses (decoders for those), ``answer_head`` only with the QA task; so our
+    checkpoints pass the official model's strict load under the same flags (None otherwise).
+    """
 
     def __init__(self, config: LxmertConfig, visual_losses: Sequence[str] = VISUAL_LOSSES,
                  mask_lm: bool = True, matched: bool = True, qa: bool = True,
@@ -117,10 +122,12 @@ class LxmertForPretraining(nn.Module):
         self.sparse_mlm = sparse_mlm
         self.bert = Lxmert(config)
         self.cls = PretrainingHeads(config, self.bert.embeddings.word_embeddings)
-        self.obj_predict_head = ObjectPredictionHead(config, self.visual_losses)
-        self.answer_head = AnswerHead(config, num_answers or config.num_qa_labels)
+        self.obj_predict_head = (ObjectPredictionHead(config, self.visual_losses)
+                                 if self.visual_losses else None)
+        self.answer_head = AnswerHead(config, num_answers or config.num_qa_labels) if qa else None
         for part in (self.cls, self.obj_predict_head, self.answer_head):
-            part.apply(lambda m: init_weights(m, config.initializer_range))
+            if part is not None:
+                part.apply(lambda m: init_weights(m, config.initializer_range))
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(

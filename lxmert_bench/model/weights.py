@@ -8,7 +8,8 @@ target's backbone prefix (none for a bare :class:`Lxmert`) and routes the QA hea
 Recognised formats (``LoadReport.format``):
 
 - ``official``: ``model_LXRT.pth`` (``module.bert.*``, ``module.cls.*``, ...), with or without
-  ``module.``; also what :func:`save_weights` and our training code write.
+  ``module.``; also what :func:`save_weights` and our training code write (``module.*`` for a
+  pretraining model, as the official file).
 - ``official_finetuned``: ``BEST.pth`` / ``LAST.pth`` of the official task code
   (``lxrt_encoder.model.[module.]bert.*``, ``logit_fc.*``).
 - ``hf_lxmert_model``: HF ``LxmertModel`` (``embeddings.*``, ``encoder.*``, ``pooler.*``).
@@ -132,7 +133,9 @@ def read_state_dict(source: Source) -> dict[str, Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from lxmert_bench.io import load_torch_file
+
+            state = load_torch_file(path)  # weights_only: a refused file is named, nothing runs
     for key in ("model", "state_dict"):
         inner = state.get(key) if isinstance(state, Mapping) else None
         if isinstance(inner, Mapping) and not isinstance(state.get("bert.pooler.dense.weight"), Tensor):
@@ -443,8 +446,11 @@ def hf_config(config: LxmertConfig, **overrides: object):  # -> transformers.Lxm
 # ---------------------------------------------------------------------------------------------
 def save_weights(model: nn.Module, path: str | os.PathLike, official: bool = True) -> Path:
     """Write ``model``'s weights: official names (``bert.*``, ``cls.*``, ``obj_predict_head.*``,
-    ``answer_head.*`` / ``logit_fc.*``, no ``module.``) or, with ``official=False``, HF names
-    (``lxmert.*`` and ``answer_head.logit_fc.*``; no prefix for a bare backbone).
+    ``answer_head.*`` / ``logit_fc.*``) or, with ``official=False``, HF names (``lxmert.*`` and
+    ``answer_head.logit_fc.*``; no prefix for a bare backbone).
+
+    An official pretraining model is written as the official ``model_LXRT.pth`` is, with every key
+    under ``module.`` (its ``nn.DataParallel``): ``LXMERT.load_lxmert`` keeps only such keys.
 
     ``.safetensors`` files drop the tied decoder (safetensors refuses shared tensors; loading re-ties
     it); other suffixes use ``torch.save``, which stores the shared matrix once.
@@ -463,6 +469,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike, official: bool = Tru
                 name = "lxmert." + name.removeprefix("bert.") if name.startswith("bert.") else name
                 if isinstance(model, LxmertForQuestionAnswering) and name.startswith(TASK_HEAD):
                     name = QA_HEAD + name.removeprefix(TASK_HEAD)
+        if official and isinstance(model, LxmertForPretraining):
+            name = "module." + name
         key = tensor.data_ptr()
         if key not in cpu:
             cpu[key] = tensor.detach().cpu()
@@ -473,6 +481,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike, official: bool = Tru
         from safetensors.torch import save_file
 
         out.pop(TIED_DECODER, None)
+        out.pop("module." + TIED_DECODER, None)
         save_file({k: v.contiguous() for k, v in out.items()}, str(path))
     else:
         torch.save(out, path)
