@@ -23,7 +23,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lxmert_bench.config import OptimConfig
-from lxmert_bench.io import atomic_write_text
+from lxmert_bench.io import RefusedFile, atomic_torch_save, atomic_write_text, load_torch_file
 from lxmert_bench.train.optim import build_optimizer
 
 # Streams of per-example randomness: training examples and the fixed validation masking.
@@ -222,34 +221,42 @@ def batch_size_of(batch: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, then rename: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# Checkpoints hold tensors and plain Python values only and load with weights_only=True: a
+# run directory on a shared filesystem may be writable by others, and a full unpickle of last.pt
+# would run whatever they put there as the user who resumes. (atomic_torch_save lives in io.py.)
+
+# Checkpoints written before RNG states became tensors hold numpy's get_state() tuple, whose
+# ndarray needs these globals; they only build arrays (under both numpy 1.x and 2.x names).
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+_PREVIOUS_FORMAT_GLOBALS: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))] + [
+    (_reconstruct, f"{module}._reconstruct") for module in ("numpy._core.multiarray", "numpy.core.multiarray")]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Our own checkpoints (they hold RNG states and plain Python values, hence weights_only=False)."""
+    """One of our checkpoints, read without running code (``weights_only=True``; previous-format
+    files need only the numpy array globals above). A file holding anything else raises
+    :class:`~lxmert_bench.io.RefusedFile` naming it; a torn one a RuntimeError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_torch_file(path, allow=_PREVIOUS_FORMAT_GLOBALS)
+    except RefusedFile:
+        raise
     except Exception as e:  # torn or foreign file: say which
         raise RuntimeError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every global generator's state as tensors and plain values (loadable with weights_only)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": random.getstate()}  # (int, tuple of ints, float | None)
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -257,7 +264,12 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+    else:  # a previous-format checkpoint: numpy's own tuple
+        np.random.set_state(n)
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
