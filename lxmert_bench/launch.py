@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,12 +33,21 @@ import submitit
 import yaml
 
 from lxmert_bench.io import atomic_write_json, read_json
+from lxmert_bench.owner import HOST, pid_alive, process_start_time
 from lxmert_bench.plan import Plan, Stage
-from lxmert_bench.store import DONE, FAILED, PENDING, RunDir
+from lxmert_bench.store import (
+    ACTIVE,
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    ORPHANED,
+    QUEUED,
+    RUNNING,
+    TO_RUN,
+    RunDir,
+    describe_holder,
+)
 
-# states a stage can be in, as shown by plan / status
-QUEUED, RUNNING, CANCELLED, ORPHANED, TO_RUN = "queued", "running", "cancelled", "orphaned", "to run"
-ACTIVE = (QUEUED, RUNNING)
 SLURM_RESOURCE_KEYS = {
     "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
     "partition", "account", "qos", "constraint", "signal_delay_s", "max_num_timeout",
@@ -62,24 +72,41 @@ class StageJob(submitit.helpers.Checkpointable):
     the stage then resumes from its last checkpoint.
     """
 
-    def __init__(self, workdir: str, stage_id: str, threads: int | None = None):
+    def __init__(self, workdir: str, stage_id: str, threads: int | None = None,
+                 launcher: tuple[int, int | None] | None = None):
         self.workdir = str(workdir)
         self.stage_id = stage_id
         self.threads = threads
+        self.launcher = launcher  # local runs: (pid, start time) of the `run` that started it
 
     def __call__(self) -> dict[str, Any]:
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
+        if self.launcher:
+            watch_launcher(*self.launcher)
         # multi-task Slurm jobs: train.loop.setup_distributed exports submitit's torch environment
         from lxmert_bench.train.stages import run_stage
 
-        result = run_stage(RunDir(self.workdir, self.stage_id))
+        result = run_stage(RunDir(self.workdir, self.stage_id), wait_for_lock=True)
         return {"stage_id": self.stage_id, "metrics": result.get("metrics", {})}
 
     def __repr__(self) -> str:
         return f"StageJob({self.stage_id})"
+
+
+def watch_launcher(pid: int, start_time: int | None, poll_s: float = 1.0) -> None:
+    """End this local stage (SIGTERM: interrupted, resumable) when the `run` that started it is
+    gone, e.g. after ``kill -9``: a local stage never outlives its launcher."""
+    import threading
+
+    def watch() -> None:
+        while pid_alive(pid) and process_start_time(pid) == start_time:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,12 +272,12 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+# Slurm's job states -> ours. Ended without a result by the machine, the scheduler or a person:
+# interrupted (a plain re-run resumes it); ended by the program itself: failed (the user must act).
+SLURM_QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING")
+SLURM_RUNNING = ("RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING")
+SLURM_INTERRUPTED = ("CANCELLED", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "TIMEOUT", "DEADLINE")
+SLURM_FAILED = ("FAILED", "OUT_OF_MEMORY", "COMPLETED")  # COMPLETED without result.json
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -261,8 +288,11 @@ def _tail(path: Path, lines: int = 12) -> str:
 
 
 def _error_tail(workdir: Path, stage_id: str, record: dict[str, Any] | None) -> str:
-    err = RunDir(workdir, stage_id).read_error()
-    if err:
+    try:
+        err = RunDir(workdir, stage_id).read_error()
+    except ValueError as e:
+        return str(e)
+    if isinstance(err, dict):
         tb = str(err.get("traceback", "")).strip().splitlines()
         return "\n".join([f"{err.get('type', 'Error')}: {err.get('error', '')}", *tb[-6:]])
     if record and record.get("folder") and record.get("job_id"):
@@ -271,6 +301,15 @@ def _error_tail(workdir: Path, stage_id: str, record: dict[str, Any] | None) -> 
             if p.is_file():
                 return _tail(p)
     return ""
+
+
+def launcher_alive(record: dict[str, Any] | None) -> bool:
+    """Whether the local `run` that queued this stage is still the same live process."""
+    launcher = (record or {}).get("launcher")
+    if not launcher or launcher.get("host") != HOST:
+        return False
+    pid = int(launcher.get("pid", 0))
+    return pid_alive(pid) and process_start_time(pid) == launcher.get("start_time")
 
 
 def stage_statuses(plan: Plan, workdir: str | Path, query_scheduler: bool = True) -> dict[str, StageStatus]:
@@ -282,42 +321,54 @@ def stage_statuses(plan: Plan, workdir: str | Path, query_scheduler: bool = True
     sstates = slurm_states(slurm_ids) if query_scheduler and slurm_ids else {}
     out: dict[str, StageStatus] = {}
     for sid in plan.stages:
-        run = RunDir(workdir, sid)
         rec = records[sid]
         st = StageStatus(sid, TO_RUN, rec.get("job_id") if rec else None,
                          rec.get("executor") if rec else None)
-        if run.is_done():
-            st.state = DONE
-        elif rec and rec.get("state") in (CANCELLED, ORPHANED):
-            st.state, st.reason = rec["state"], rec.get("reason", "")
-        elif run.is_failed():
-            st.state = FAILED
-        elif rec:
-            st.state = _scheduler_state(rec, sstates, run)
-        if st.state in (FAILED, CANCELLED, ORPHANED):
+        st.state, st.reason = _state(RunDir(workdir, sid), rec, sstates)
+        if st.state in (FAILED, INTERRUPTED, ORPHANED):
             st.error_tail = _error_tail(workdir, sid, rec)
         out[sid] = st
     return out
 
 
-def _scheduler_state(rec: dict[str, Any], sstates: dict[str, tuple[str, str]], run: RunDir) -> str:
-    ex = rec.get("executor")
-    if ex == "slurm":
-        state, _reason = sstates.get(str(rec.get("job_id")), ("", ""))
-        if state in ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED"):
-            return QUEUED
-        if state in ("RUNNING", "COMPLETING", "SUSPENDED"):
-            return RUNNING
-        if state.startswith("CANCELLED"):
-            return CANCELLED
-        if state in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-                     "DEADLINE", "COMPLETED"):
-            return FAILED  # COMPLETED without result.json: the job ended but the stage did not
-        return QUEUED if not state else FAILED  # not yet in sacct: pending on a dependency
-    pid = rec.get("job_id")
-    if ex in ("local", "debug") and pid and str(pid).isdigit() and _pid_alive(int(pid)):
-        return RUNNING
-    return FAILED if run.has_started() else PENDING if ex else TO_RUN
+def _state(run: RunDir, rec: dict[str, Any] | None, sstates: dict[str, tuple[str, str]]
+           ) -> tuple[str, str]:
+    """(state, reason) of one stage: its files first, then the scheduler or the local launcher."""
+    disk = run.disk_state()
+    if disk == DONE:
+        return DONE, ""
+    if disk == RUNNING:
+        return RUNNING, describe_holder(run.lock_holder() or {})
+    if disk == FAILED:
+        return FAILED, "raised an error (re-run with --retry-failed)"
+    rec = rec or {}
+    if rec.get("state") == ORPHANED:
+        return ORPHANED, rec.get("reason", "")
+    if rec.get("executor") == "slurm" and rec.get("job_id"):
+        job = str(rec["job_id"])
+        state, reason = sstates.get(job, ("", ""))
+        if state in SLURM_QUEUED:
+            return QUEUED, f"Slurm {state}" + (f" ({reason})" if reason else "")
+        if state in SLURM_RUNNING:
+            return RUNNING, f"Slurm job {job} {state}"
+        if state in SLURM_INTERRUPTED:
+            return INTERRUPTED, f"Slurm job {job} {state}"
+        if state in SLURM_FAILED:
+            return FAILED, f"Slurm job {job} {state} without a result"
+        if rec.get("state") == INTERRUPTED:
+            return INTERRUPTED, rec.get("reason", "")
+        if not sstates and not shutil.which("squeue"):
+            return disk, f"Slurm job {job}: no squeue here to ask"
+        return INTERRUPTED, f"Slurm job {job} not found in squeue or sacct"
+    if rec.get("state") == INTERRUPTED:
+        return INTERRUPTED, rec.get("reason", "")
+    if launcher_alive(rec):
+        pid = rec["launcher"]["pid"]
+        return QUEUED, f"waiting in a local run (pid {pid} on {HOST})"
+    if disk == INTERRUPTED:
+        err = run.error_record() or {}
+        return INTERRUPTED, f"ended by {err['signal']}" if err.get("signal") else "ended without a result"
+    return TO_RUN, ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,17 +382,19 @@ class LaunchReport:
     blocked: dict[str, str] = field(default_factory=dict)  # stage -> why it was not submitted
     completed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
     orphaned: dict[str, str] = field(default_factory=dict)
     job_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not (self.failed or self.orphaned or self.blocked)
+        return not (self.failed or self.interrupted or self.orphaned or self.blocked)
 
 
 def select_stages(plan: Plan, statuses: dict[str, StageStatus], retry_failed: bool,
                   report: LaunchReport) -> list[Stage]:
-    """Which stages to submit now: not done, not queued/running; failed ones only when retrying."""
+    """Which stages to submit now: not done, not queued/running; interrupted and orphaned ones
+    resume; failed ones (they raised) only with ``retry_failed``."""
     todo: list[Stage] = []
     broken: set[str] = set()
     for st in plan.ordered():
@@ -352,7 +405,7 @@ def select_stages(plan: Plan, statuses: dict[str, StageStatus], retry_failed: bo
         if s.state in ACTIVE:
             report.skipped_active.append(st.stage_id)
             continue
-        if s.state in (FAILED, CANCELLED, ORPHANED) and not retry_failed:
+        if s.state == FAILED and not retry_failed:
             report.blocked[st.stage_id] = f"{s.state} (re-run with --retry-failed)"
             broken.add(st.stage_id)
             continue
@@ -365,14 +418,18 @@ def select_stages(plan: Plan, statuses: dict[str, StageStatus], retry_failed: bo
     return todo
 
 
-def _freeze(plan: Plan, stages: list[Stage], workdir: Path) -> None:
+def _freeze(stages: list[Stage], workdir: Path) -> None:
     for st in stages:
         run = RunDir(workdir, st.stage_id)
         run.write_config(st.config)
-        run.clear_error()
-        rec = read_job(workdir, st.stage_id)
-        if rec and rec.get("state") in (CANCELLED, ORPHANED):
-            job_record_path(workdir, st.stage_id).unlink()
+        if run.is_failed():
+            run.clear_error()  # --retry-failed; an interrupted stage's record stays until its result
+
+
+def launcher_identity() -> dict[str, Any]:
+    """This process as the launcher of local stages: host, pid and start time (a reused pid is
+    not mistaken for it)."""
+    return {"host": HOST, "pid": os.getpid(), "start_time": process_start_time(os.getpid())}
 
 
 def launch(
@@ -381,7 +438,12 @@ def launch(
     parallelism: int | None = None, progress: bool = True,
     on_event: Callable[[str], None] | None = None,
 ) -> LaunchReport:
-    """Submit what the plan still needs. Local/debug executors run it to the end before returning."""
+    """Submit what the plan still needs. Local/debug executors run it to the end before returning.
+
+    Selection and the job records are written under the workdir's launcher lock, so two shells
+    never pick the same stage; local stages queued by another live ``run`` are waited for, not run
+    again (and each stage's own execution lock makes that hold whatever happens).
+    """
     workdir = Path(workdir).resolve()
     cluster = resolve_executor(executor)
     report = LaunchReport()
@@ -391,11 +453,15 @@ def launch(
         todo = select_stages(plan, statuses, retry_failed, report)
         if not todo:
             return report
-        _freeze(plan, todo, workdir)
+        _freeze(todo, workdir)
         prepare_data(todo)
         if cluster == "slurm":
             _submit_slurm(plan, todo, workdir, statuses, resources, resource_overrides or {}, report, say)
             return report
+        me = launcher_identity()
+        for st in todo:
+            write_job(workdir, st.stage_id, {"executor": cluster, "launcher": me,
+                                             "queued_at": _now()})
     _run_local(plan, todo, workdir, cluster, resources, resource_overrides or {}, parallelism,
                progress, report, say)
     return report
@@ -403,11 +469,11 @@ def launch(
 
 def prepare_data(stages: list[Stage]) -> None:
     """Generate each synthetic benchmark a plan needs once, here, rather than in every job."""
-    from lxmert_bench.train.stages import ensure_data
+    from lxmert_bench.data.synthetic import ensure_synthetic_root
 
     for data in {st.config.data.root: st.config.data for st in stages
                  if st.config.data.synthetic}.values():
-        ensure_data(data)
+        ensure_synthetic_root(data.root, data.synthetic_images, data.synthetic_seed)
 
 
 def _executor(workdir: Path, cluster: str, resources: dict[str, Any] | None = None
@@ -460,94 +526,175 @@ def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[s
                     + (f" (afterok:{parent_job})" if parent_job else ""))
 
 
+class LaunchCancelled(KeyboardInterrupt):
+    """SIGTERM reached a local ``run`` (``lxmert-bench cancel``): stop like Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_launcher() -> Iterator[None]:
+    def handler(_signum: int, _frame: Any) -> None:
+        raise LaunchCancelled()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _active_elsewhere(workdir: Path, sid: str, me: dict[str, Any]) -> bool:
+    """Executed, or queued by a live launcher, in another process than this one."""
+    if RunDir(workdir, sid).lock_holder() is not None:
+        return True
+    rec = read_job(workdir, sid)
+    return launcher_alive(rec) and (rec or {}).get("launcher", {}).get("pid") != me["pid"]
+
+
 def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                resources: ResourceProfile, overrides: dict[str, Any], parallelism: int | None,
                progress: bool, report: LaunchReport, say: Callable[[str], None]) -> None:
-    """Run stages as local subprocesses (or in-process for debug), dependencies first."""
+    """Run stages as local subprocesses (or in-process for debug), dependencies first.
+
+    A stage another process executes (or another live ``run`` has queued) is waited for, never
+    started a second time; one whose executor died meanwhile is taken over and resumed.
+    """
     from tqdm import tqdm
 
     cpus = os.cpu_count() or 1
     per_job = max(1, int(resources.for_kind("finetune", overrides).get("cpus_per_task") or 1))
     limit = 1 if cluster == "debug" else (
         parallelism or resources.local_parallelism or max(1, cpus // per_job))
+    me = launcher_identity()
     pending = list(todo)
     running: dict[str, submitit.Job] = {}
-    failed: set[str] = set()
+    ended: dict[str, str] = {}  # stage -> state, for stages that ended without a result
     bar = tqdm(total=len(todo), desc="stages", unit="stage", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     try:
-        while pending or running:
-            for sid, job in list(running.items()):
-                if cluster == "debug" or job.done():
-                    del running[sid]
-                    _finish_local(workdir, sid, job, report, failed, say)
-                    bar.update(1)
-            for st in list(pending):
-                if any(d in failed or d in report.orphaned for d in st.deps):
+        with _sigterm_stops_launcher():
+            while pending or running:
+                for sid, job in list(running.items()):
+                    if cluster == "debug" or job.done():
+                        del running[sid]
+                        _finish_local(workdir, sid, job, report, ended, say)
+                        bar.update(1)
+                waiting = False
+                for st in list(pending):
+                    run = RunDir(workdir, st.stage_id)
+                    if run.is_done():  # finished by another process meanwhile
+                        pending.remove(st)
+                        report.skipped_done.append(st.stage_id)
+                        bar.update(1)
+                        continue
+                    bad = next((d for d in st.deps if d in ended), None)
+                    if bad:
+                        pending.remove(st)
+                        why = f"dependency {bad} {ended[bad]}"
+                        ended[st.stage_id] = ORPHANED
+                        report.orphaned[st.stage_id] = why
+                        write_job(workdir, st.stage_id, {"executor": cluster, "state": ORPHANED,
+                                                         "reason": why, "time": _now()})
+                        bar.update(1)
+                        continue
+                    unfinished = [d for d in st.deps if not RunDir(workdir, d).is_done()]
+                    if run.lock_holder() is not None or any(
+                            d not in running and _active_elsewhere(workdir, d, me)
+                            for d in unfinished):
+                        waiting = True  # another process is on it, or on what it needs
+                        continue
+                    if unfinished or len(running) >= limit:
+                        continue
+                    res = resources.for_kind(st.kind, overrides)
+                    threads = max(1, cpus // limit)  # share the machine's cores among running stages
+                    ex = _executor(workdir, cluster)
+                    ex.update_parameters(**submitit_parameters(res, cluster))
+                    launcher = None if cluster == "debug" else (me["pid"], me["start_time"])
+                    job = ex.submit(StageJob(str(workdir), st.stage_id, threads, launcher))
                     pending.remove(st)
-                    why = next(d for d in st.deps if d in failed or d in report.orphaned)
-                    report.orphaned[st.stage_id] = f"dependency {why} failed"
-                    write_job(workdir, st.stage_id, {"executor": cluster, "state": ORPHANED,
-                                                     "reason": f"dependency {why} failed",
-                                                     "time": _now()})
-                    bar.update(1)
-                    continue
-                if len(running) >= limit:
+                    running[st.stage_id] = job
+                    report.submitted.append(st.stage_id)
+                    report.job_ids[st.stage_id] = str(job.job_id)
+                    write_job(workdir, st.stage_id, {
+                        "executor": cluster, "job_id": str(job.job_id), "launcher": me,
+                        "folder": str(job.paths.folder), "submitted_at": _now()})
+                    bar.set_postfix_str(st.describe()[:40])
+                    if cluster == "debug":
+                        break
+                if not running and pending and not waiting:
+                    started = {s.stage_id for s in pending}
+                    for st in pending:  # nothing can start: they wait on stages no one runs
+                        missing = next((d for d in st.deps if not RunDir(workdir, d).is_done()
+                                        and d not in started), None) or st.deps[0]
+                        report.blocked[st.stage_id] = f"depends on {missing}, which is not done"
                     break
-                if any(not RunDir(workdir, d).is_done() for d in st.deps):
-                    continue
-                res = resources.for_kind(st.kind, overrides)
-                threads = max(1, cpus // limit)  # share this machine's cores among the running stages
-                ex = _executor(workdir, cluster)
-                ex.update_parameters(**submitit_parameters(res, cluster))
-                job = ex.submit(StageJob(str(workdir), st.stage_id, threads))
-                pending.remove(st)
-                running[st.stage_id] = job
-                report.submitted.append(st.stage_id)
-                report.job_ids[st.stage_id] = str(job.job_id)
-                write_job(workdir, st.stage_id, {"executor": cluster, "job_id": str(job.job_id),
-                                                 "folder": str(job.paths.folder), "submitted_at": _now()})
-                bar.set_postfix_str(st.describe()[:40])
-                if cluster == "debug":
-                    break
-            if not running and pending:
-                # nothing can start: the remaining stages wait on stages no one is running
-                for st in pending:
-                    missing = next(d for d in st.deps if not RunDir(workdir, d).is_done())
-                    report.blocked[st.stage_id] = f"depends on {missing}, which is not done"
-                break
-            if running and cluster != "debug":
-                time.sleep(0.5)
+                if (running or waiting) and cluster != "debug":
+                    time.sleep(0.5)
+    except KeyboardInterrupt:
+        _stop_local(workdir, running)
+        raise
     finally:
         bar.close()
 
 
+def _stop_local(workdir: Path, running: dict[str, submitit.Job], grace_s: float = 10.0) -> None:
+    """Interrupt the running local stages (SIGTERM: each records the signal and stays
+    resumable) and wait for them to let go of their locks."""
+    for sid, job in running.items():
+        holder = RunDir(workdir, sid).lock_holder() or {}
+        if holder.get("host") == HOST and holder.get("pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(holder["pid"]), signal.SIGTERM)
+        else:
+            with contextlib.suppress(Exception):
+                job.cancel()
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(RunDir(workdir, sid).lock_holder() for sid in running):
+        time.sleep(0.2)
+
+
 def _finish_local(workdir: Path, sid: str, job: submitit.Job, report: LaunchReport,
-                  failed: set[str], say: Callable[[str], None]) -> None:
+                  ended: dict[str, str], say: Callable[[str], None]) -> None:
     try:
         job.result()
         report.completed.append(sid)
+        return
     except Exception as e:  # noqa: BLE001 - the stage's own error is in error.json
-        failed.add(sid)
-        report.failed.append(sid)
-        err = RunDir(workdir, sid).read_error()
-        msg = f"{err.get('type')}: {err.get('error')}" if err else str(e).strip().splitlines()[-1:]
-        say(f"stage {sid} failed: {msg}")
+        run = RunDir(workdir, sid)
+        state = run.disk_state()
+        if state == DONE:  # its result is there (e.g. written just before a late signal)
+            report.completed.append(sid)
+            return
+        err = run.error_record()
+        if state == FAILED:
+            report.failed.append(sid)
+        else:
+            state = INTERRUPTED
+            report.interrupted.append(sid)
+        ended[sid] = state
+        msg = f"{err.get('type')}: {err.get('error')}" if err else \
+            (str(e).strip().splitlines() or [""])[-1]
+        say(f"stage {sid} {state}: {msg}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Following, orphans, cancelling
 # ---------------------------------------------------------------------------------------------
 def cancel_orphans(plan: Plan, workdir: str | Path, statuses: dict[str, StageStatus]) -> dict[str, str]:
-    """Cancel queued stages whose dependency failed or was cancelled (Slurm would wait forever)."""
+    """Cancel queued Slurm stages whose dependency ended without a result (Slurm would wait
+    forever); they are re-planned by the next ``run`` once the dependency is done."""
     workdir = Path(workdir)
     orphans: dict[str, str] = {}
     for sid, st in statuses.items():
-        if st.state != QUEUED:
+        if st.state != QUEUED or st.executor != "slurm":
             continue
-        bad = [d for d in plan.stages[sid].deps if statuses[d].state in (FAILED, CANCELLED, ORPHANED)]
+        bad = [d for d in plan.stages[sid].deps
+               if statuses[d].state in (FAILED, INTERRUPTED, ORPHANED)]
         if bad:
-            if st.executor == "slurm" and st.job_id:
+            if st.job_id:
                 subprocess.run(["scancel", str(st.job_id)], capture_output=True)
             rec = read_job(workdir, sid) or {}
             why = f"dependency {bad[0]} {statuses[bad[0]].state}"
@@ -558,13 +705,15 @@ def cancel_orphans(plan: Plan, workdir: str | Path, statuses: dict[str, StageSta
 
 
 def wait(plan: Plan, workdir: str | Path, poll_s: float = 5.0, progress: bool = True,
-         timeout_s: float | None = None) -> dict[str, StageStatus]:
-    """Follow submitted Slurm jobs until every stage is done, failed, cancelled or orphaned."""
+         timeout_s: float | None = None, max_poll_s: float = 60.0) -> dict[str, StageStatus]:
+    """Follow submitted Slurm jobs until no stage is queued or running. Polls every ``poll_s``,
+    backing off to ``max_poll_s`` while nothing changes (as submitit's own watcher does)."""
     from tqdm import tqdm
 
     start = time.time()
     bar = tqdm(total=len(plan.stages), desc="stages done", unit="stage", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
+    delay, last = poll_s, None
     try:
         while True:
             statuses = stage_statuses(plan, workdir)
@@ -579,28 +728,46 @@ def wait(plan: Plan, workdir: str | Path, poll_s: float = 5.0, progress: bool = 
                 return statuses
             if timeout_s is not None and time.time() - start > timeout_s:
                 raise TimeoutError(f"stages still active after {timeout_s:.0f} s")
-            time.sleep(poll_s)
+            delay = poll_s if counts != last else min(max_poll_s, delay * 1.5)
+            last = counts
+            time.sleep(delay)
     finally:
         bar.close()
 
 
-def cancel(plan: Plan, workdir: str | Path) -> list[str]:
-    """Cancel every queued or running stage of the plan; returns their ids."""
+def cancel(plan: Plan, workdir: str | Path, grace_s: float = 15.0) -> list[str]:
+    """Cancel every queued or running stage of the plan; returns their ids.
+
+    Slurm jobs are scancelled; local stages get SIGTERM (they record it and stay resumable), and
+    so do the local ``run`` processes that queued them, so nothing new starts. Waits up to
+    ``grace_s`` for the local stages to let go of their locks.
+    """
     workdir = Path(workdir)
     statuses = stage_statuses(plan, workdir)
-    cancelled = []
+    cancelled: list[str] = []
+    launchers: dict[int, dict[str, Any]] = {}
+    holders: list[int] = []
     for sid, st in statuses.items():
-        if st.state not in ACTIVE or not st.job_id:
+        if st.state not in ACTIVE:
             continue
-        if st.executor == "slurm":
-            subprocess.run(["scancel", str(st.job_id)], capture_output=True)
-        elif str(st.job_id).isdigit():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(st.job_id), 15)
         rec = read_job(workdir, sid) or {}
-        write_job(workdir, sid, {**rec, "state": CANCELLED, "reason": "cancelled by the user",
+        if st.executor == "slurm" and st.job_id:
+            subprocess.run(["scancel", str(st.job_id)], capture_output=True)
+        else:
+            if launcher_alive(rec):
+                launchers[int(rec["launcher"]["pid"])] = rec["launcher"]
+            holder = RunDir(workdir, sid).lock_holder() or {}
+            if holder.get("host") == HOST and holder.get("pid"):
+                holders.append(int(holder["pid"]))
+        write_job(workdir, sid, {**rec, "state": INTERRUPTED, "reason": "cancelled by the user",
                                  "time": _now()})
         cancelled.append(sid)
+    for pid in [*launchers, *holders]:  # launchers first: they must not start the next stage
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(RunDir(workdir, sid).lock_holder() for sid in cancelled):
+        time.sleep(0.2)
     return cancelled
 
 

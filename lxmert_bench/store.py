@@ -8,20 +8,56 @@ Files a stage writes there (all JSON written atomically):
 - ``error.json``    written when the run failed: {"error", "type", "traceback", "time"}
 - ``checkpoints/``  ``last.pt`` (resume), ``best.pt`` (fine-tuning), ``model.pt`` (final weights)
 - ``predictions/``  official submission-format files of the dev split, ``dev_scores.json``
+- ``stage.lock``    held (``flock``) by the one process executing the stage; says its host and pid
 
-The state of a stage is read from these files alone, so any later shell can see it.
+The state of a stage is read from these files (and, for Slurm jobs, the scheduler), so any later
+shell can see it. The states, and who moves a stage between them:
+
+- ``to run``       nothing started (the launcher moves it to queued/running)
+- ``queued``       submitted, waiting for the scheduler (the launcher; the scheduler starts it)
+- ``running``      its lock is held by a live process (only the executing process takes the lock)
+- ``done``         ``result.json`` exists (written last, by the stage itself); final
+- ``interrupted``  started, then ended without a result by a signal, a kill, a crash, a preemption
+                   or ``cancel``; a plain re-run resumes it from its last checkpoint
+- ``failed``       the stage raised (``error.json``); waits for ``run --retry-failed``
+- ``orphaned``     a dependency failed; re-planned once the dependency is done
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lxmert_bench.config import RunConfig
 from lxmert_bench.io import atomic_write_json, read_json
+from lxmert_bench.owner import HOST
 
-DONE, FAILED, RUNNING, PENDING = "done", "failed", "running", "pending"
+# The one vocabulary of stage states (module docstring).
+TO_RUN, QUEUED, RUNNING, DONE = "to run", "queued", "running", "done"
+INTERRUPTED, FAILED, ORPHANED, CANCELLED = "interrupted", "failed", "orphaned", "cancelled"
+PENDING = TO_RUN  # on disk: configured, never started
+ACTIVE = (QUEUED, RUNNING)
+STATES = (TO_RUN, QUEUED, RUNNING, DONE, INTERRUPTED, FAILED, ORPHANED, CANCELLED)
+
+
+class StageBusy(RuntimeError):
+    """The stage is being executed by another process (its lock is held)."""
+
+    def __init__(self, run_dir: RunDir, holder: dict[str, Any]):
+        self.holder = holder
+        super().__init__(f"{run_dir.stage_id}: already running ({describe_holder(holder)}); "
+                         "a stage never runs twice at once")
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
 
 
 def default_workdir() -> Path:
@@ -35,10 +71,6 @@ class RunDir:
         self.workdir = Path(workdir)
         self.stage_id = stage_id
         self.path = self.workdir / "runs" / stage_id
-
-    @classmethod
-    def for_config(cls, workdir: str | os.PathLike, config: RunConfig) -> RunDir:
-        return cls(workdir, config.stage_id)
 
     # file paths
     @property
@@ -65,6 +97,10 @@ class RunDir:
     def predictions_dir(self) -> Path:
         return self.path / "predictions"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "stage.lock"
+
     def dependency(self, stage_id: str) -> RunDir:
         """The run directory of another stage in the same workdir (e.g. ``config.init_from``)."""
         return RunDir(self.workdir, stage_id)
@@ -74,19 +110,91 @@ class RunDir:
         return self.result_path.is_file()
 
     def is_failed(self) -> bool:
-        return self.error_path.is_file() and not self.is_done()
+        """Raised an error (a stage ended by a signal or a kill is interrupted, not failed)."""
+        if self.is_done():
+            return False
+        err = self.error_record()
+        return err is not None and not err.get("interrupted")
 
     def has_started(self) -> bool:
         return self.log_path.exists() or self.checkpoint_dir.exists()
 
+    def error_record(self) -> dict[str, Any] | None:
+        try:
+            err = self.read_error()
+        except ValueError:  # a torn or hand-edited error.json still says the stage ended badly
+            return {"error": f"{self.error_path}: unreadable"}
+        return err if isinstance(err, dict) or err is None else {"error": str(err)}
+
     def disk_state(self) -> str:
+        """The state as the run directory alone tells it (no scheduler)."""
         if self.is_done():
             return DONE
+        if self.lock_holder() is not None:
+            return RUNNING
         if self.is_failed():
             return FAILED
-        if self.has_started():
-            return RUNNING
-        return PENDING
+        if self.has_started() or self.error_path.is_file():
+            return INTERRUPTED
+        return TO_RUN
+
+    # the execution lock ------------------------------------------------------------------------
+    def lock_holder(self) -> dict[str, Any] | None:
+        """Who executes the stage now ({"host", "pid", "since"}), or None when no process does.
+
+        The lock is an ``flock`` the kernel drops when its process dies, so a killed stage never
+        looks running. (On a cluster filesystem whose locks are not shared between nodes, this sees
+        only holders on this node; Slurm stages are also judged by the scheduler's state.)
+        """
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raw = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                try:
+                    holder = json.loads(raw)
+                except ValueError:
+                    holder = {}
+                return holder if isinstance(holder, dict) else {}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def execution_lock(self, wait: bool = False, poll_s: float = 2.0) -> Iterator[None]:
+        """Hold the stage's lock while executing it; raises :class:`StageBusy` when another process
+        holds it (or, with ``wait``, blocks until it is free)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if not wait:
+                        raise StageBusy(self, self.lock_holder() or {}) from None
+                    time.sleep(poll_s)
+            me = json.dumps({"host": HOST, "pid": os.getpid(),
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me.encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # reading / writing
     def write_config(self, config: RunConfig) -> None:

@@ -22,7 +22,9 @@ Files (same layout as the official data root; see data/layout.py):
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import sys
 import time
@@ -36,6 +38,7 @@ import numpy as np
 
 from lxmert_bench.data.answers import convert_ans
 from lxmert_bench.data.features import write_obj_tsv
+from lxmert_bench.owner import remove_dead_temporaries, temp_name
 
 GENERATOR_VERSION = "2"  # bump when the generated files change: it enters the data fingerprint
 VOCAB_SIZE = 1024
@@ -781,31 +784,93 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
     return summary
 
 
+MARKER = "synthetic.json"  # written last: marks a complete synthetic benchmark of this tool
+
+
+class DataRootError(ValueError):
+    """A directory the synthetic benchmark may not be written into (or read from)."""
+
+
 def synthetic_root_problem(root: str | Path, images: int, seed: int) -> str | None:
     """Why ``root`` cannot serve as the synthetic benchmark (``images``, ``seed``) of this generator
-    version, or None (also when nothing is there yet): its files would not be what the data
-    fingerprint says."""
-    summary_path = Path(root) / "synthetic.json"
+    version, or None (also when nothing is there yet, or an empty directory). The tool writes only
+    into a missing or empty directory or one it marked as its own (``synthetic.json``), so any
+    other content is refused: it is somebody's data."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        return f"{root}: is a file, expected a directory for the synthetic benchmark"
+    summary_path = root / MARKER
     if not summary_path.is_file():
-        return None
+        try:
+            found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        except OSError as e:
+            return f"{root}: cannot be read ({e.strerror})"
+        if not found:
+            return None
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        return (f"{root}: is not empty ({shown}) and is not a synthetic benchmark written by "
+                f"lxmert-bench (no {MARKER}); refusing to write into it: point data.root (or --out) "
+                "at a missing or empty directory")
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return f"{summary_path}: unreadable ({e}); remove {root} to regenerate it"
+    if not isinstance(summary, dict):
+        return f"{summary_path}: expected a JSON object; remove {root} to regenerate it"
     wanted = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed}
-    found = {k: summary.get(k) for k in wanted}
-    if found == wanted:
+    found_inputs = {k: summary.get(k) for k in wanted}
+    if found_inputs == wanted:
         return None
-    return (f"{root}: holds a synthetic benchmark with {found} (synthetic.json), expected {wanted}; "
-            "remove the directory to regenerate it, or point data.root elsewhere")
+    return (f"{root}: holds a synthetic benchmark with {found_inputs} ({MARKER}), expected "
+            f"{wanted}; remove the directory to regenerate it, or point data.root elsewhere")
+
+
+def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bool = True
+                          ) -> bool:
+    """Make ``root`` hold the synthetic benchmark (``images``, ``seed``); returns True when it was
+    generated now, False when it was there already.
+
+    Generated once (under a lock beside ``root``) into a temporary sibling named after this host
+    and pid, then renamed into place, so no reader sees half of it. A temporary whose owner died
+    (e.g. ``kill -9`` during generation) is removed on the next call on the same host. Raises
+    :class:`DataRootError` for a directory holding anything else.
+    """
+    root = Path(root)
+    problem = synthetic_root_problem(root, images, seed)
+    if problem:
+        raise DataRootError(problem)
+    if (root / MARKER).is_file():
+        return False
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            problem = synthetic_root_problem(root, images, seed)  # another process may have won
+            if problem:
+                raise DataRootError(problem)
+            if (root / MARKER).is_file():
+                return False
+            remove_dead_temporaries(root)
+            tmp = root.parent / temp_name(root.name)
+            generate_synthetic(tmp, images, seed, progress=progress)
+            if root.exists():
+                root.rmdir()  # empty (checked above under the lock); fails rather than remove files
+            os.rename(tmp, root)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return True
 
 
 def synthetic_main(out: str, images: int, seed: int) -> int:
-    """``lxmert-bench data synthetic --out DIR [--images N] [--seed S]``; exit 0, or 2 on bad input."""
+    """``lxmert-bench data synthetic --out DIR [--images N] [--seed S]``; exit 0, or 2 on bad input
+    (including a DIR that holds anything but this very benchmark)."""
     try:
-        summary = generate_synthetic(out, images=images, seed=seed)
+        created = ensure_synthetic_root(out, images, seed)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"lxmert-bench: error: {e}", file=sys.stderr)
         return 2
+    summary = json.loads((Path(out) / MARKER).read_text(encoding="utf-8"))
+    if not created:
+        print(f"{out}: already holds this synthetic benchmark; nothing written", file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0

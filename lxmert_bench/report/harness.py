@@ -10,10 +10,10 @@ from lxmert_bench.plan import Plan
 from lxmert_bench.report.collect import ReportEntry, ReportSpec
 from lxmert_bench.spec import Spec
 
-# harness states -> report states ('orphaned' stages never ran: their dependency failed)
+# harness states -> report states ('orphaned' stages never ran: their dependency failed;
+# 'interrupted' ones resume on the next run)
 _STATE = {"done": "done", "failed": "failed", "running": "running", "queued": "pending",
-          "to run": "pending", "pending": "pending", "cancelled": "cancelled",
-          "orphaned": "cancelled"}
+          "to run": "pending", "interrupted": "pending", "orphaned": "cancelled"}
 
 
 def report_spec(spec: Spec) -> ReportSpec:

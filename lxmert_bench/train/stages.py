@@ -9,13 +9,15 @@ Also runnable as ``python -m lxmert_bench.train.stages RUN_DIR`` (and so under t
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 import platform
-import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 
 from lxmert_bench import __version__
 from lxmert_bench.config import DataConfig, RunConfig
-from lxmert_bench.store import RunDir
+from lxmert_bench.store import RunDir, StageBusy
 from lxmert_bench.train.loop import (
     DistInfo,
     NonFiniteLoss,
@@ -34,13 +36,65 @@ from lxmert_bench.train.loop import (
 )
 
 
-def run_stage(run_dir: RunDir) -> dict[str, Any]:
-    """Run (or resume) the stage in ``run_dir``; return its result (also in ``result.json``)."""
+class StageInterrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """A signal ended the stage: SIGTERM (``cancel``, the scheduler, a launcher that died) or
+    SIGINT (Ctrl-C). A BaseException, so no ``except Exception`` in training code swallows it."""
+
+    def __init__(self, signum: int):
+        self.signal = signal.Signals(signum).name
+        super().__init__(f"ended by {self.signal}")
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`StageInterrupted` while a stage runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        for sig in previous:  # once: a second signal must not cut short the error record
+            signal.signal(sig, signal.SIG_IGN)
+        raise StageInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (before the process group exists)."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def run_stage(run_dir: RunDir, wait_for_lock: bool = False) -> dict[str, Any]:
+    """Run (or resume) the stage in ``run_dir``; return its result (also in ``result.json``).
+
+    Rank 0 holds the stage's execution lock throughout, so a stage never runs twice at once: when
+    another process holds it, this raises :class:`~lxmert_bench.store.StageBusy`, or with
+    ``wait_for_lock`` waits for it and returns that run's result if it finished.
+    """
     done = run_dir.read_result()
     if done is not None:
         return done
     if not run_dir.config_path.is_file():
         raise FileNotFoundError(f"{run_dir.config_path}: no config.json; not a run directory")
+    lock = run_dir.execution_lock(wait=wait_for_lock) if launch_rank() == 0 \
+        else contextlib.nullcontext()
+    with lock, signals_interrupt():
+        done = run_dir.read_result()  # another process may have finished it while we waited
+        if done is not None:
+            return done
+        return _execute(run_dir)
+
+
+def _execute(run_dir: RunDir) -> dict[str, Any]:
     config = run_dir.read_config()
     info = DistInfo()
     try:
@@ -61,6 +115,13 @@ def run_stage(run_dir: RunDir) -> dict[str, Any]:
         if info.is_main:
             run_dir.write_result(result)
         return result
+    except (StageInterrupted, KeyboardInterrupt) as e:
+        if info.is_main:
+            sig = e.signal if isinstance(e, StageInterrupted) else "SIGINT"
+            run_dir.write_error({"error": f"ended by {sig}", "type": "StageInterrupted",
+                                 "interrupted": True, "signal": sig, "time": _now(),
+                                 "stage_id": run_dir.stage_id})
+        raise
     except Exception as e:
         if info.is_main:
             error: dict[str, Any] = {
@@ -110,36 +171,18 @@ def _now() -> str:
 
 
 def ensure_data(data: DataConfig) -> Path:
-    """The data root; a synthetic benchmark that is missing is generated there first (once, under a
-    lock, into a temporary directory renamed into place, so no reader sees half of it)."""
+    """The data root; a synthetic benchmark that is missing is generated there first (see
+    :func:`~lxmert_bench.data.synthetic.ensure_synthetic_root`: only into a missing or empty
+    directory, never over anyone's files)."""
     root = Path(data.root)
     if data.synthetic:
-        from lxmert_bench.data.synthetic import synthetic_root_problem
+        from lxmert_bench.data.synthetic import ensure_synthetic_root
 
-        problem = synthetic_root_problem(root, data.synthetic_images, data.synthetic_seed)
-        if problem:
-            raise ValueError(f"data.root {problem}")
-    if (root / "vocab.txt").is_file() or (root.is_dir() and not data.synthetic):
+        ensure_synthetic_root(root, data.synthetic_images, data.synthetic_seed)
         return root
-    if not data.synthetic:
+    if not root.is_dir():
         raise FileNotFoundError(f"data.root {root}: directory not found (expected the LXMERT data "
                                 "layout; see docs/internals.md, or set data.synthetic: true)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = root.parent / f".{root.name}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (root / "vocab.txt").is_file():
-                from lxmert_bench.data.synthetic import generate_synthetic
-
-                tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                generate_synthetic(tmp, data.synthetic_images, data.synthetic_seed)
-                if root.exists():  # an empty or partial directory left by someone else
-                    shutil.rmtree(root)
-                os.rename(tmp, root)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
     return root
 
 
@@ -153,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: not a run directory (no config.json)", file=sys.stderr)
         return 2
     run_dir = RunDir(path.parents[2], f"{path.parent.name}/{path.name}")
-    result = run_stage(run_dir)
+    try:
+        result = run_stage(run_dir)
+    except StageBusy as e:
+        print(f"lxmert-bench: {e}", file=sys.stderr)
+        return 1
     print(f"{run_dir.stage_id}: done, metrics {result.get('metrics')}", file=sys.stderr)
     return 0
 

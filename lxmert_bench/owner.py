@@ -1,0 +1,60 @@
+"""Who owns a temporary file or a lock: this host and a pid, and whether that owner is still alive.
+
+Temporaries are named ``<name>.tmp-<host>-<pid>`` so that a later run can remove one only when its
+owner is known dead: same host, pid gone. Never by age or name pattern alone, since on a shared
+filesystem another machine's live process may be writing it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+HOST = socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (zombies count as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError, PermissionError):
+        return False
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a process (clock ticks since boot): with the pid, it names the
+    process, so a reused pid is not mistaken for the original."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[-1].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError, PermissionError):
+        return None
+
+
+def temp_name(name: str) -> str:
+    """A temporary sibling's name for ``name``, owned by this process on this host."""
+    return f".{name}.tmp-{HOST}-{os.getpid()}"
+
+
+def remove_dead_temporaries(target: Path) -> list[Path]:
+    """Remove temporaries of ``target`` (see :func:`temp_name`) left by dead processes of this
+    host; returns what was removed. Temporaries of other hosts or of live processes stay."""
+    prefix = f".{target.name}.tmp-"
+    removed: list[Path] = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        host, _, pid = p.name[len(prefix):].rpartition("-")
+        if host != HOST or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
