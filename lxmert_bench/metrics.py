@@ -1,10 +1,15 @@
 """Task metrics as the official evaluators compute them, and the official submission formats.
 
 * VQA: answer normalisation and leave-one-out accuracy of ``vqaEval.py`` (GT-Vision-Lab/VQA,
-  current master: punctuation list with ``{ } - !``, per-type accuracies from the per-question
-  mean); and the soft-score accuracy of the official LXMERT local evaluator.
-* GQA: exact-match top-1 accuracy (the official LXMERT local evaluator).
+  current master: punctuation list with ``{ } - !``, both sides processed unless all ten humans
+  agree, ASCII-only digits as its Python 2 regexes; per-type accuracies from the per-question
+  mean; the superseded 2016 rule as ``rule="2016"``); and the soft-score accuracy of the official
+  LXMERT local evaluator.
+* GQA: exact-match top-1 accuracy (the official LXMERT local evaluator); binary / open by the
+  question's structural type (official ``eval.py``) when known, else approximated by the answer.
 * NLVR2: accuracy and consistency as ``lil-lab/nlvr nlvr2/eval/metrics.py``.
+
+A prediction set that misses questions is refused (ValueError), as the official evaluators do.
 
 Per-example functions return scores in [0, 1]; aggregate metrics are percentages (0-100), the unit
 of ``result.json``.
@@ -69,10 +74,11 @@ _NUMBER_WORDS = {
 _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
                 "@", "`", ",", "?", "!"]
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# re.ASCII: under Python 2 (the official code) these patterns' \d is [0-9] only
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)", re.ASCII)
 # The official pattern "(?!<=\d)(\.)(?!\d)" means a lookbehind but is a lookahead for "<=digit",
 # which never matches at a ".": so any period not followed by a digit goes ("5." -> "5").
-_PERIOD = re.compile(r"\.(?!\d)")
+_PERIOD = re.compile(r"\.(?!\d)", re.ASCII)
 # The official call passes re.UNICODE (= 32) positionally as sub's ``count``: at most 32 periods.
 _PERIOD_MAX = int(re.UNICODE)
 
@@ -99,50 +105,81 @@ def process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
+def _trim(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(text: str) -> str:
-    """A predicted answer as ``vqaEval.py`` cleans it before comparing with the human answers."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    """An answer as ``vqaEval.py`` cleans it before comparing (both steps)."""
+    return process_digit_article(process_punctuation(_trim(text)))
 
 
 # ---------------------------------------------------------------------------------------------
 # VQA accuracy
 
 
-def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+VQA_RULES = ("master", "2016")
+
+
+def vqa_accuracy(prediction: str, human_answers: Sequence[str], rule: str = "master") -> float:
     """Official VQA accuracy of one answer in [0, 1]: the mean over the leave-one-out subsets of
     the human answers of ``min(#matches / 3, 1)``. 1/2/3/4+ matching humans (of 10) give
-    0.3/0.6/0.9/1.0. Human answers get only the punctuation step, and only when they differ."""
+    0.3/0.6/0.9/1.0.
+
+    ``rule="master"`` (the current official ``vqaEval.py``): when the human answers differ, they
+    and the prediction are fully normalised; when all agree, neither is (exact match).
+    ``rule="2016"`` (superseded): the prediction always normalised, the humans given only the
+    punctuation step and only when they differ."""
+    if rule not in VQA_RULES:
+        raise ValueError(f"VQA accuracy rule {rule!r}: expected one of {list(VQA_RULES)}")
     if not human_answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
-    pred = normalize_vqa_answer(prediction)
-    gts = list(human_answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(g) for g in gts]
+    gts = [_trim(g) for g in human_answers]
+    differ = len(set(gts)) > 1
+    if rule == "master":
+        pred = normalize_vqa_answer(prediction) if differ else _trim(prediction)
+        if differ:
+            gts = [normalize_vqa_answer(g) for g in gts]
+    else:
+        pred = normalize_vqa_answer(prediction)
+        gts = [process_punctuation(g) for g in human_answers] if len(set(human_answers)) > 1 \
+            else list(human_answers)
     matches = [g == pred for g in gts]
     total = sum(matches)
     # leaving out answer i removes its own match from the count
     return sum(min(1.0, (total - m) / 3) for m in matches) / len(gts)
 
 
-def _check_keys(predictions: Mapping, labels: Mapping, what: str) -> None:
-    missing = [k for k in predictions if k not in labels]
+def _check_keys(predictions: Mapping, labels: Mapping, what: str, unit: str = "questions") -> None:
+    """Every prediction has a label, and every labelled question a prediction (the official
+    evaluators refuse an incomplete set rather than score the questions present)."""
+    extra = [k for k in predictions if k not in labels]
+    if extra:
+        raise KeyError(f"{len(extra)} {what} prediction(s) have no label, e.g. id {extra[0]!r}")
+    _check_complete(predictions, labels, what, unit)
+
+
+def _check_complete(predictions: Mapping, labels: Mapping, what: str, unit: str) -> None:
+    missing = [k for k in labels if k not in predictions]
     if missing:
-        raise KeyError(f"{len(missing)} {what} prediction(s) have no label, e.g. id {missing[0]!r}")
+        raise ValueError(f"{len(missing)} of {len(labels)} {what} {unit} have no prediction "
+                         f"(e.g. id {missing[0]!r}); the official evaluator scores complete sets only")
 
 
 def vqa_example_scores(
     predictions: Mapping[Hashable, str],
     labels: Mapping[Hashable, Mapping[str, float]] | None = None,
     human_answers: Mapping[Hashable, Sequence[str]] | None = None,
+    rule: str = "master",
 ) -> dict[Hashable, float]:
     """Per-question VQA score in [0, 1]: with ``human_answers`` the official leave-one-out
-    accuracy, otherwise the soft score ``labels[qid].get(answer, 0)`` (official local)."""
+    accuracy (``rule``: see :func:`vqa_accuracy`), otherwise the soft score
+    ``labels[qid].get(answer, 0)`` (official local)."""
     if (labels is None) == (human_answers is None):
         raise ValueError("give exactly one of labels (soft scores) or human_answers")
     if human_answers is not None:
         _check_keys(predictions, human_answers, "VQA")
-        return {q: vqa_accuracy(a, human_answers[q]) for q, a in predictions.items()}
+        return {q: vqa_accuracy(a, human_answers[q], rule) for q, a in predictions.items()}
     _check_keys(predictions, labels, "VQA")
     return {q: float(labels[q].get(a, 0.0)) for q, a in predictions.items()}
 
@@ -160,13 +197,14 @@ def vqa_scores(
     labels: Mapping[Hashable, Mapping[str, float]] | None = None,
     answer_types: Mapping[Hashable, str] | None = None,
     human_answers: Mapping[Hashable, Sequence[str]] | None = None,
+    rule: str = "master",
 ) -> dict[str, float]:
     """``{"accuracy": …, "yes/no": …, "number": …, "other": …}`` in percent.
 
     Soft-score accuracy from ``labels``, or official accuracy from ``human_answers``. Per-type keys
     appear for the types in ``answer_types`` (``{qid: "yes/no" | "number" | "other"}``).
     """
-    scores = vqa_example_scores(predictions, labels, human_answers)
+    scores = vqa_example_scores(predictions, labels, human_answers, rule)
     out = {"accuracy": 100.0 * sum(scores.values()) / len(scores) if scores else 0.0}
     if answer_types is not None:
         by_type: dict[str, list[float]] = {}
@@ -203,14 +241,26 @@ def gqa_accuracy(predictions: Mapping[Hashable, str],
 
 
 def gqa_scores(predictions: Mapping[Hashable, str],
-               answers: Mapping[Hashable, str | Mapping[str, float]]) -> dict[str, float]:
-    """``accuracy`` plus ``binary`` / ``open`` in percent. Binary questions are taken to be those
-    whose gold answer is yes/no (GQA's verify/logical/compare questions; the structural type
-    itself is not in the LXMERT JSONs)."""
+               answers: Mapping[Hashable, str | Mapping[str, float]],
+               structural_types: Mapping[Hashable, str] | None = None) -> dict[str, float]:
+    """``accuracy`` plus ``binary`` / ``open`` in percent.
+
+    With ``structural_types`` (``{qid: "query" | "verify" | "logical" | "choose" | "compare"}``,
+    the balanced question files' ``types.structural``) a question is open iff its type is
+    ``query``, as the official ``eval.py``. Without them (the LXMERT JSONs do not carry them) the
+    split is approximated: binary iff the gold answer is yes/no (see :func:`gqa_binary_rule`)."""
     scores = gqa_example_scores(predictions, answers)
     out = {"accuracy": 100.0 * sum(scores.values()) / len(scores) if scores else 0.0}
+    if structural_types is not None:
+        unknown = [q for q in scores if q not in structural_types]
+        if unknown:
+            raise ValueError(f"{len(unknown)} GQA question(s) have no structural type, e.g. "
+                             f"{unknown[0]!r}")
     groups: dict[str, list[float]] = {"binary": [], "open": []}
     for q, s in scores.items():
+        if structural_types is not None:
+            groups["open" if structural_types[q] == "query" else "binary"].append(s)
+            continue
         gold = answers[q]
         gold_answers = set(gold) if isinstance(gold, Mapping) else {gold}
         groups["binary" if gold_answers <= {"yes", "no"} else "open"].append(s)
@@ -218,6 +268,14 @@ def gqa_scores(predictions: Mapping[Hashable, str],
         if values:
             out[name] = 100.0 * sum(values) / len(values)
     return out
+
+
+def gqa_binary_rule(structural_types: Mapping[Hashable, str] | None) -> str:
+    """How :func:`gqa_scores` split binary / open, in words for result.json and reports."""
+    if structural_types is not None:
+        return "by structural type (official eval.py)"
+    return ("approximated by the gold answer (yes/no): the question files carry no structural "
+            "types")
 
 
 def _as_bool(value: Any, what: str) -> bool:
@@ -243,9 +301,7 @@ def nlvr2_group(identifier: str) -> str:
 
 def nlvr2_example_scores(predictions: Mapping[str, bool | int],
                          labels: Mapping[str, bool | int]) -> dict[str, float]:
-    missing = [k for k in labels if k not in predictions]
-    if missing:
-        raise KeyError(f"{len(missing)} NLVR2 example(s) have no prediction, e.g. {missing[0]!r}")
+    _check_complete(predictions, labels, "NLVR2", "examples")
     return {k: float(_as_bool(predictions[k], f"prediction for {k}") == _as_bool(v, f"label of {k}"))
             for k, v in labels.items()}
 

@@ -63,18 +63,22 @@ def test_punctuation_step_alone():
 def test_leave_one_out_accuracy(k, expected):
     humans = ["blue"] * k + ["red", "green", "navy", "teal", "cyan", "gray", "pink", "gold",
                              "tan", "plum"][: 10 - k]
-    assert vqa_accuracy("Blue", humans) == pytest.approx(expected)
+    # ten identical answers: master compares unprocessed strings (tests/test_official_metrics.py)
+    assert vqa_accuracy("Blue" if k < 10 else "blue", humans) == pytest.approx(expected)
+    assert vqa_accuracy("Blue", humans, rule="2016") == pytest.approx(expected)
 
 
-def test_human_answers_get_only_punctuation_and_only_when_they_differ():
+def test_2016_rule_humans_get_only_punctuation_and_only_when_they_differ():
+    rule = "2016"
     # differing answers: "t.v." is cleaned to "tv", so all ten match the prediction
-    assert vqa_accuracy("TV", ["t.v."] * 3 + ["tv"] * 7) == 1.0
+    assert vqa_accuracy("TV", ["t.v."] * 3 + ["tv"] * 7, rule=rule) == 1.0
+    assert vqa_accuracy("TV", ["t.v."] * 3 + ["tv"] * 7) == 1.0  # master too
     # ten identical answers are left as they are: "t.v." never equals the cleaned prediction
-    assert vqa_accuracy("t.v.", ["t.v."] * 10) == 0.0
+    assert vqa_accuracy("t.v.", ["t.v."] * 10, rule=rule) == 0.0
     # no number-word or article step on the humans: "two" and "the dog" never match
-    assert vqa_accuracy("two", ["two"] * 4 + ["2"] * 6) == 1.0
-    assert vqa_accuracy("two", ["two"] * 8 + ["2"] * 2) == pytest.approx(0.6)
-    assert vqa_accuracy("the dog", ["the dog"] * 9 + ["dog"]) == pytest.approx(0.3)
+    assert vqa_accuracy("two", ["two"] * 4 + ["2"] * 6, rule=rule) == 1.0
+    assert vqa_accuracy("two", ["two"] * 8 + ["2"] * 2, rule=rule) == pytest.approx(0.6)
+    assert vqa_accuracy("the dog", ["the dog"] * 9 + ["dog"], rule=rule) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="at least one human answer"):
         vqa_accuracy("x", [])
 
@@ -129,7 +133,7 @@ def test_nlvr2_accuracy_and_consistency():
     m = nlvr2_metrics(preds, labels)
     assert m["accuracy"] == pytest.approx(100 * 5 / 6)
     assert m["consistency"] == pytest.approx(100 * 2 / 3)
-    with pytest.raises(KeyError, match="1 NLVR2 example.*no prediction, e.g. 'dev-7-3-2'"):
+    with pytest.raises(ValueError, match="1 of 6 NLVR2 examples have no prediction.*'dev-7-3-2'"):
         nlvr2_metrics({k: v for k, v in preds.items() if k != "dev-7-3-2"}, labels)
     with pytest.raises(ValueError, match="prediction for dev-7-3-2: expected a boolean"):
         nlvr2_metrics({**preds, "dev-7-3-2": "maybe"}, labels)

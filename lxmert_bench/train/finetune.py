@@ -237,7 +237,22 @@ def score(task: str, predictions: dict[Any, Any], dev_data: Any) -> tuple[dict[s
         types = {d["question_id"]: d.get("answer_type", "other") for d in raw}
         return (M.vqa_scores(predictions, labels, answer_types=types),
                 M.vqa_example_scores(predictions, labels=labels))
-    return M.gqa_scores(predictions, labels), M.gqa_example_scores(predictions, labels)
+    types = gqa_structural_types(raw)
+    return (M.gqa_scores(predictions, labels, structural_types=types),
+            M.gqa_example_scores(predictions, labels))
+
+
+def gqa_structural_types(raw: list[dict[str, Any]]) -> dict[Any, str] | None:
+    """``{question_id: types.structural}`` when every record carries it (the balanced question
+    files do, LXMERT's processed JSONs do not), else None: binary / open is then approximated."""
+    types = {}
+    for d in raw:
+        found = d.get("types")
+        structural = found.get("structural") if isinstance(found, dict) else None
+        if not isinstance(structural, str):
+            return None
+        types[d["question_id"]] = structural
+    return types
 
 
 def write_predictions(run_dir: RunDir, task: str, predictions: dict[Any, Any],
@@ -304,5 +319,14 @@ def run_finetune(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
         "metrics": summary.best_metrics or {}, "last_metrics": summary.last_metrics or {},
         "best_epoch": summary.best_epoch, "history": summary.history, "predictions": files,
         "train_examples": len(train_data), "dev_examples": len(dev_data), **init,
+        **metric_notes(ft.task, dev_data),
         "summary": summary,
     }
+
+
+def metric_notes(task: str, dev_data: Any) -> dict[str, Any]:
+    """How the metrics were computed where that is not the official evaluator (for reports)."""
+    if task != "gqa":
+        return {}
+    rule = M.gqa_binary_rule(gqa_structural_types(dev_data.raw_examples))
+    return {"metric_notes": {"gqa binary/open": rule}}
