@@ -24,6 +24,9 @@ def _add_common(p: argparse.ArgumentParser, plan_args: bool = True) -> None:
     p.add_argument("--workdir", default=None,
                    help="run directories, checkpoints and the manifest (default ./runs or "
                         "$LXMERT_BENCH_WORKDIR)")
+    p.add_argument("--allow-group-write", action="store_true",
+                   help="accept a workdir its group can write (a project sharing it on purpose); "
+                        "world-writable ones are always refused")
     if plan_args:
         p.add_argument("--profile", default=None,
                        help="scale profile: default (the paper), demo (laptop), test, or a .yaml "
@@ -125,7 +128,17 @@ def _remember(workdir: Path, args: argparse.Namespace, specs: list) -> None:
         atomic_write_json(workdir / "specs" / f"{Path(spec.path).stem}.json", {
             "spec": str(Path(spec.path).resolve()), "profile": spec.profile.path or spec.profile.name,
             "overrides": args.overrides or [],
+            "allow_group_write": bool(getattr(args, "allow_group_write", False)),  # provenance
         })
+
+
+def _permission_problems(args: argparse.Namespace, plan, workdir: Path) -> list[str]:
+    """Directories others could write code or checkpoints into (lxmert_bench.permissions)."""
+    from lxmert_bench.permissions import check_workdir
+    from lxmert_bench.store import RunDir
+
+    runs = [RunDir(workdir, sid).path for sid in plan.stages]
+    return check_workdir(workdir, runs, allow_group=bool(getattr(args, "allow_group_write", False)))
 
 
 def _resources(args: argparse.Namespace, specs: list):
@@ -190,7 +203,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from lxmert_bench.plan import check_data
 
     specs, plan, workdir = _load(args)
-    problems = check_data(plan)
+    problems = check_data(plan) + _permission_problems(args, plan, workdir)
     resources = _resources(args, specs)
     statuses = stage_statuses(plan, workdir)
     test_only = None
@@ -207,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lxmert_bench.plan import check_data
 
     specs, plan, workdir = _load(args)
-    problems = check_data(plan)
+    problems = check_data(plan) + _permission_problems(args, plan, workdir)  # before any write
     if problems:
         for p in problems:
             _err(p)

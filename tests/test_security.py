@@ -244,3 +244,147 @@ def test_previous_format_allow_list_does_not_admit_code(tmp_path):
     with pytest.raises(RefusedFile):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# permission checks before running or submitting
+# ------------------------------------------------------------------------------------------------
+def _shared_gid() -> int | None:
+    """A group other users may be in: as root any gid will do; else one of ours that is not our
+    private group."""
+    import grp
+    import pwd
+
+    if os.geteuid() == 0:
+        return 4242  # no such group: certainly not root's private one
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    for gid in os.getgroups():
+        try:
+            g = grp.getgrgid(gid)
+        except KeyError:
+            return gid
+        if g.gr_name != me or set(g.gr_mem) - {me}:
+            return gid
+    return None
+
+
+def test_check_tree_refuses_world_and_group_writable(tmp_path):
+    from lxmert_bench.permissions import check_tree
+
+    gid = _shared_gid()
+    if gid is None:
+        pytest.skip("this user is in no group but its private one: cannot make a shared-group dir")
+    ok, world, group = tmp_path / "ok", tmp_path / "world", tmp_path / "group"
+    for d, mode in ((ok, 0o755), (world, 0o777), (group, 0o775)):
+        d.mkdir()
+        os.chmod(d, mode)
+    os.chown(group, -1, gid)
+    os.chmod(group, 0o775)
+    missing = tmp_path / "not-yet"
+    assert check_tree([ok, missing]) == []
+    [w] = check_tree([world])
+    assert w.startswith(f"{world}: drwxrwxrwx") and "every user" in w and "chmod o-w" in w
+    [g] = check_tree([group])
+    assert g.startswith(f"{group}: drwxrwxr-x") and "--allow-group-write" in g
+    assert check_tree([group], allow_group=True) == []
+    assert len(check_tree([world], allow_group=True)) == 1  # world-writable: never
+    os.chmod(world, 0o1777)  # sticky (like /tmp) still lets anyone create names there
+    assert "drwxrwxrwt" in check_tree([world], allow_group=True)[0]
+
+
+def test_group_writable_in_a_user_private_group_is_fine(tmp_path):
+    """umask 002 with a group named as its only member (Debian/Ubuntu's default): no refusal."""
+    import grp
+    import pwd
+
+    me = pwd.getpwuid(os.geteuid())
+    private = grp.getgrgid(me.pw_gid)
+    if private.gr_name != me.pw_name or set(private.gr_mem) - {me.pw_name}:
+        pytest.skip(f"{me.pw_name}'s primary group {private.gr_name} is not a private group")
+    from lxmert_bench.permissions import check_tree
+
+    d = tmp_path / "mine"
+    d.mkdir()
+    os.chown(d, -1, me.pw_gid)
+    os.chmod(d, 0o775)
+    assert check_tree([d]) == []
+
+
+def test_check_workdir_covers_submitit_snapshot_and_run_dirs(tmp_path):
+    from lxmert_bench.permissions import check_workdir, workdir_paths
+
+    wd = tmp_path / "wd"
+    run = wd / "runs" / "finetune" / "0123456789ab"
+    (run / "checkpoints").mkdir(parents=True)
+    job = wd / "submitit" / "4242"
+    job.mkdir(parents=True)
+    snap = wd / "code" / "abc123"
+    snap.mkdir(parents=True)
+    paths = set(workdir_paths(wd, [run]))
+    assert {wd, wd / "runs", wd / "runs" / "finetune", wd / "submitit", job, snap, run,
+            run / "checkpoints"} <= paths
+    assert check_workdir(wd, [run]) == []
+    for bad in (job, snap, run / "checkpoints"):
+        os.chmod(bad, 0o777)
+        [problem] = check_workdir(wd, [run])
+        assert problem.startswith(f"{bad}: drwxrwxrwx")
+        os.chmod(bad, 0o755)
+
+
+SPEC_YAML = """\
+name: sec
+variants:
+  A: {}
+tasks: [vqa]
+seeds: [0]
+"""
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_run_refuses_a_world_writable_workdir_with_exit_2(tmp_path, capsys, monkeypatch, dry_run):
+    from lxmert_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "sec.yaml"
+    spec.write_text(SPEC_YAML)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    os.chmod(wd, 0o777)
+    args = ["run", str(spec), "--profile", "test", "--executor", "local", "--workdir", str(wd),
+            "--quiet", "--no-report"] + (["--dry-run"] if dry_run else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{wd}: drwxrwxrwx" in err and "Traceback" not in err
+    assert list(wd.iterdir()) == []  # nothing submitted, nothing written
+
+
+def test_group_writable_workdir_needs_allow_group_write_and_is_remembered(tmp_path, capsys,
+                                                                          monkeypatch):
+    from lxmert_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "sec.yaml"
+    spec.write_text(SPEC_YAML)
+    gid = _shared_gid()
+    if gid is None:
+        pytest.skip("this user is in no group but its private one: cannot make a shared-group dir")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    os.chown(wd, -1, gid)
+    os.chmod(wd, 0o775)
+    base = ["--profile", "test", "--workdir", str(wd)]
+    assert main(["plan", str(spec), *base]) == 2
+    assert "--allow-group-write" in capsys.readouterr().err
+    assert main(["run", str(spec), *base, "--dry-run"]) == 2
+    capsys.readouterr()
+    assert main(["plan", str(spec), *base, "--allow-group-write"]) == 0
+    assert main(["run", str(spec), *base, "--dry-run", "--allow-group-write"]) == 0
+    # recorded as provenance with the options `status` / `report` reuse
+    from lxmert_bench.cli import _remember, build_parser
+    from lxmert_bench.spec import load_spec
+
+    args = build_parser().parse_args(["run", str(spec), *base, "--allow-group-write"])
+    _remember(wd, args, [load_spec(spec, "test")])
+    import json
+
+    assert json.loads((wd / "specs" / "sec.json").read_text())["allow_group_write"] is True
