@@ -9,7 +9,7 @@ caller passes the object mask as the label weight).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,17 @@ IGNORE = -1  # the official code's ignore index (HF uses -100)
 VISUAL_LOSSES = ("obj", "attr", "feat")
 
 
-def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean CE over the labels that are not IGNORE; 0 (not NaN) when a batch has none."""
+def masked_cross_entropy(logits: Tensor, labels: Tensor, denominator: Tensor | float | None = None) -> Tensor:
+    """Mean CE over the labels that are not IGNORE; 0 (not NaN) when a batch has none.
+
+    ``denominator`` replaces the local count of labels (DDP: a share of the global count, so the
+    ranks together give the one-process mean; see train/pretrain.py)."""
     labels = labels.reshape(-1)
     per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE,
                           reduction="none")
-    return per.sum() / (labels != IGNORE).sum().clamp(min=1)
+    if denominator is None:
+        denominator = (labels != IGNORE).sum().clamp(min=1)
+    return per.sum() / denominator
 
 
 class Transform(nn.Module):
@@ -140,7 +145,11 @@ class LxmertForPretraining(nn.Module):
         visual_loss_weight: float = 1 / 0.15,
         qa_weight: float = 1.0,
         visual_attention_mask: Tensor | None = None,
+        loss_denominators: Mapping[str, Tensor | float] | None = None,
     ) -> dict:
+        """``loss_denominators``: for ``mlm`` / ``qa``, what the summed per-label losses are
+        divided by instead of this batch's count of labels (global normalisation under DDP)."""
+        denom = loss_denominators or {}
         lang, visn, pooled = self.bert(input_ids, attention_mask, feats, boxes, visual_attention_mask)
         out: dict = {"losses": {}}
         losses = out["losses"]
@@ -149,14 +158,16 @@ class LxmertForPretraining(nn.Module):
                 out["lm_logits"] = self.cls.predictions(lang)
                 if masked_lm_labels is not None:
                     out["lm_labels"] = masked_lm_labels
-                    losses["mlm"] = masked_cross_entropy(out["lm_logits"], masked_lm_labels)
+                    losses["mlm"] = masked_cross_entropy(out["lm_logits"], masked_lm_labels,
+                                                         denom.get("mlm"))
             else:
                 # The 30522-way decoder only on the labelled words (~15%): the same loss without
                 # most of the biggest matmul. lm_logits [N, V] then pair with lm_labels [N].
                 keep = masked_lm_labels != IGNORE
                 out["lm_logits"] = self.cls.predictions(lang[keep])
                 out["lm_labels"] = masked_lm_labels[keep]
-                losses["mlm"] = masked_cross_entropy(out["lm_logits"], out["lm_labels"])
+                losses["mlm"] = masked_cross_entropy(out["lm_logits"], out["lm_labels"],
+                                                     denom.get("mlm"))
         if self.matched:
             out["match_logits"] = self.cls.seq_relationship(pooled)
             if matched_label is not None:
@@ -172,7 +183,7 @@ class LxmertForPretraining(nn.Module):
         if self.qa:
             out["qa_logits"] = self.answer_head(pooled)
             if ans is not None:
-                losses["qa"] = masked_cross_entropy(out["qa_logits"], ans) * qa_weight
+                losses["qa"] = masked_cross_entropy(out["qa_logits"], ans, denom.get("qa")) * qa_weight
         if losses:
             out["loss"] = sum(losses.values())
         return out

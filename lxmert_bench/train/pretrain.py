@@ -16,9 +16,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lxmert_bench.config import PretrainConfig, RunConfig
-from lxmert_bench.data.pretrain import PretrainExamples
+from lxmert_bench.data.pretrain import IGNORE, PretrainExamples
 from lxmert_bench.model import LxmertForPretraining
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.loop import (
@@ -73,7 +74,8 @@ def make_examples(p: PretrainConfig, corpus: Any, tokenizer: Any, qa_from: int |
 
 
 def pretrain_forward(model: torch.nn.Module, batch: dict[str, Any], p: PretrainConfig,
-                     with_qa: bool, qa_weight: float) -> dict[str, Any]:
+                     with_qa: bool, qa_weight: float,
+                     loss_denominators: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """One forward pass with the labels of the active tasks (the model skips missing ones)."""
     visual = {}
     if "obj" in p.visual_losses:
@@ -89,7 +91,36 @@ def pretrain_forward(model: torch.nn.Module, batch: dict[str, Any], p: PretrainC
         matched_label=batch["matched_label"] if p.matched else None,
         ans=batch["ans"] if with_qa else None,
         feat_loss=p.feat_loss, visual_loss_weight=p.visual_loss_weight, qa_weight=qa_weight,
+        loss_denominators=loss_denominators,
     )
+
+
+def global_label_denominators(batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Under DDP, what each rank divides its summed MLM / QA losses by so that the ranks together
+    equal one process on the global batch: the GLOBAL count of labelled words / answers times
+    this rank's share of the examples (the loop backpropagates loss x share x world and DDP
+    averages). None in a single process (the local counts are the global ones)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    ids = batch["input_ids"]
+    counts = torch.stack([
+        torch.tensor(ids.shape[0], device=ids.device),
+        (batch["masked_lm_labels"] != IGNORE).sum(),
+        (batch["ans"] != IGNORE).sum(),
+    ]).to(torch.float64)
+    local_n = counts[0].clone()
+    dist.all_reduce(counts)  # [global examples, global labelled words, global answers]
+    share = local_n / counts[0]
+    return {"mlm": (counts[1].clamp(min=1) * share).float(),
+            "qa": (counts[2].clamp(min=1) * share).float()}
+
+
+def pretrain_train_forward(model: torch.nn.Module, batch: dict[str, Any], p: PretrainConfig,
+                           with_qa: bool, qa_weight: float) -> dict[str, Any]:
+    """A training step's forward pass: the token-averaged losses normalised by the global label
+    counts under DDP, so 1 and N ranks give the same losses and gradients. (Every rank calls it
+    at every step: it all-reduces; validation runs on rank 0 alone and uses pretrain_forward.)"""
+    return pretrain_forward(model, batch, p, with_qa, qa_weight, global_label_denominators(batch))
 
 
 def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: PretrainConfig,
@@ -184,7 +215,7 @@ def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
 
     def step(m: torch.nn.Module, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
         with_qa = qa_from is not None and epoch >= qa_from
-        return pretrain_forward(m, batch, p, with_qa=with_qa, qa_weight=p.qa_weight)
+        return pretrain_train_forward(m, batch, p, with_qa=with_qa, qa_weight=p.qa_weight)
 
     def evaluate(m: torch.nn.Module, epoch: int) -> EvalResult:
         if len(valid_examples) == 0:
