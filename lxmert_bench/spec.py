@@ -493,6 +493,7 @@ def load_spec(
                 item.get("set") or {}, where, ("variants", i, "set"), problems)))
     else:
         problems.append(f"{where('variants')}: variants: {SPEC_KEYS['variants']}")
+    _check_variant_names(variants, where, problems)
 
     ref_variant = data.get("reference_variant")
     names = [v.name for v in variants]
@@ -523,6 +524,15 @@ def load_spec(
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _check_variant_names(variants: list[Variant], where: _Where, problems: list[str]) -> None:
+    """A variant name is one line of printable text: it reaches reports, plots and log lines
+    (which escape markup but cannot show a newline or a tab faithfully)."""
+    for v in variants:
+        if any(ord(c) < 32 or ord(c) == 127 for c in v.name):
+            problems.append(f"{where('variants', v.name)}: variants: variant name {v.name!r} holds a "
+                            "control character (newline, tab, ...); use one line of printable text")
 
 
 def _check_consistency(spec: Spec, where: _Where, problems: list[str]) -> None:

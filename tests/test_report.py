@@ -662,3 +662,80 @@ def test_report_before_anything_finished(tmp_path):
     empty = out.read_text()
     assert "- **Data:** unknown" in empty and "- **Runs:** none" in empty
     assert (tmp_path / "empty" / "results.jsonl").read_text() == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# names from specs, configs and runs are text, never Markdown, HTML or a path (issue 16)
+# ------------------------------------------------------------------------------------------------
+ODD = {
+    "html": "<img src=x onerror=alert(1)>",
+    "newline": "evil\n# Injected heading\n<script>alert(1)</script>",
+    "link": "[x](http://evil)",
+    "marks": "*b* _i_ `c` ~~s~~ $\\x$ a|b \\| &amp; #h <http://evil>",
+}
+
+
+def _inline_text(token) -> str:
+    """What a reader sees of an inline token: its text, code and softbreaks, no markup."""
+    return "".join(c.content if c.type in ("text", "code_inline") else " " if "break" in c.type
+                   else "" for c in token.children or [])
+
+
+def test_odd_variant_names_render_as_text(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    names = list(ODD.values())
+    entries = []
+    for i, name in enumerate(names):
+        pre = write_pretrain(workdir, name)
+        for seed in (0, 1, 2):
+            stage = write_finetune(workdir, name, "vqa", seed, "done", 60.0 + i + seed / 4, pre,
+                                   shift=seed)
+            entries.append(ReportEntry(name, seed, "vqa", stage, pre, "done"))
+    failed = write_finetune(workdir, ODD["html"], "gqa", 0, "failed", pretrain=None)
+    (workdir / "runs" / failed / "error.json").write_text(json.dumps(
+        {"error": "<b>boom</b> [y](http://evil)", "type": "ValueError"}))
+    entries.append(ReportEntry(ODD["html"], 0, "gqa", failed, None, "failed"))
+    spec = ReportSpec(name="odd", title="Odd <i>names</i> [t](http://evil)\n# Title injection",
+                      variants=names, tasks=["vqa", "gqa"], reference=None,
+                      reference_variant=ODD["link"], profile="demo",
+                      notes={"<b>note</b>": "[n](http://evil)"})
+    out = write_report(spec, entries, workdir, tmp_path / "out", n_resamples=200)
+    text = out.read_text()
+
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    flat = [t for tok in tokens for t in [tok, *(tok.children or [])]]
+    assert not [t for t in flat if t.type in ("html_inline", "html_block")]
+    hrefs = [t.attrs.get("href") for t in flat if t.type == "link_open"]
+    assert set(hrefs) <= {"results.jsonl"}
+    srcs = [t.attrs.get("src") for t in flat if t.type == "image"]
+    assert srcs and all(s.startswith(("bars_", "curves_")) and s.endswith(".png") for s in srcs)
+    assert not any(t.type == "heading_open" and t.tag == "h1" for t in tokens[3:])  # one title
+    headings = [_inline_text(tokens[i + 1]) for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings[0] == "Odd <i>names</i> [t](http://evil) # Title injection"
+    assert f"Significance vs. {ODD['link']}" in headings
+    # every name is in the main table as the reader would see it (newlines as spaces)
+    main = next(t for t in parse_tables(text) if t[0][1] == "VQA ↑")
+    cells = [tok for tok in tokens if tok.type == "inline"]
+    shown = {_inline_text(tok) for tok in cells}
+    for name in names:
+        assert " ".join(name.split("\n")) in shown or f"{' '.join(name.split(chr(10)))} (ref.)" in shown
+    assert len(main) == 1 + len(names)
+    assert "ValueError: <b>boom</b> [y](http://evil)" in shown
+    # the plots hold the names too and were written (a '$\x$' once crashed matplotlib's mathtext)
+    assert sorted(p.name for p in out.parent.glob("*.png")) == ["bars_vqa.png", "curves_finetune.png",
+                                                                "curves_pretrain.png"]
+
+
+def test_report_files_get_the_umask_permissions(table5, tmp_path):
+    import os
+    import stat
+
+    workdir, entries = table5
+    old = os.umask(0o077)
+    try:
+        out = write_report(SPEC, entries[:3], workdir, tmp_path / "private", n_resamples=100)
+    finally:
+        os.umask(old)
+    for p in out.parent.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p  # never widened to 0644

@@ -388,3 +388,22 @@ def test_group_writable_workdir_needs_allow_group_write_and_is_remembered(tmp_pa
     import json
 
     assert json.loads((wd / "specs" / "sec.json").read_text())["allow_group_write"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# variant names: one line of text (they reach reports, plots and logs)
+# ------------------------------------------------------------------------------------------------
+def test_spec_refuses_a_variant_name_with_a_newline(tmp_path, capsys):
+    from lxmert_bench.cli import main
+
+    spec = tmp_path / "nl.yaml"
+    spec.write_text('name: nl\nvariants:\n  "A\\n# injected": {}\n  "B\\tC": {}\n  ok: {}\n'
+                    "tasks: [vqa]\n")
+    assert main(["plan", str(spec), "--profile", "test", "--workdir", str(tmp_path / "wd")]) == 2
+    err = capsys.readouterr().err
+    assert f"{spec}:3:" in err and "'A\\n# injected'" in err and "control character" in err
+    assert "'B\\tC'" in err and "Traceback" not in err
+    # odd but printable names are fine: the report escapes them
+    spec.write_text('name: nl\nvariants:\n  "<img src=x onerror=alert(1)>": {}\n  "[x](http://e)": {}\n'
+                    "tasks: [vqa]\n")
+    assert main(["plan", str(spec), "--profile", "test", "--workdir", str(tmp_path / "wd")]) == 0

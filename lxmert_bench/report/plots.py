@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,20 @@ TASK_LABELS = {"vqa": "VQA", "gqa": "GQA", "nlvr2": "NLVR²", "pretrain": "pretr
 MAX_CURVE_POINTS = 400  # per line: keeps plotting fast on 600K-step pretraining logs
 
 
+def _label(text: object) -> str:
+    """A name as plain figure text: '$' would start matplotlib mathtext (a name such as '$\\x$'
+    made savefig raise), so it is escaped."""
+    return str(text).replace("$", r"\$")
+
+
+def _png(out_dir: Path, prefix: str, part: str) -> Path:
+    """A plot's file name: only from fixed prefixes and task / stage-kind names, never from a
+    variant name or title."""
+    if not re.fullmatch(r"[a-z0-9_]+", part):
+        raise ValueError(f"plot name {prefix}{part!r}: expected a task or stage kind")
+    return out_dir / f"{prefix}{part}.png"
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -38,8 +53,9 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _order(spec: ReportSpec, present: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys([*[v for v in spec.variants if v in set(present)], *present]))
+def _order(variants: Sequence[str], present: Sequence[str]) -> list[str]:
+    """The spec's variants that are present, in its order, then the others present."""
+    return list(dict.fromkeys([*[v for v in variants if v in set(present)], *present]))
 
 
 def plot_task_bars(frame: pd.DataFrame, spec: ReportSpec, out_dir: str | os.PathLike,
@@ -54,15 +70,17 @@ def plot_task_bars(frame: pd.DataFrame, spec: ReportSpec, out_dir: str | os.Path
         if data.empty:
             continue
         # every variant keeps its place on the axis; one without a result says why
-        order = _order(spec, [*spec.variants, *data["variant"].unique()])
+        order = _order(spec.variants, [*spec.variants, *data["variant"].unique()])
         runs = finetune[finetune["task"] == task].drop_duplicates("stage")
         missing = {v: status_text(Counter(runs.loc[runs["variant"] == v, "state"])) or "no runs"
                    for v in order if v not in set(data["variant"])}
         fig, ax = plt.subplots(figsize=(1.3 * len(order) + 2.5, 3.8))
-        sns.barplot(data=data, x="variant", y="value", order=order, errorbar="sd",
+        shown = data.assign(variant=data["variant"].map(_label))
+        shown_order = [_label(v) for v in order]
+        sns.barplot(data=shown, x="variant", y="value", order=shown_order, errorbar="sd",
                     color="#8fb3d9", capsize=0.15, err_kws={"linewidth": 1.2}, ax=ax)
-        sns.stripplot(data=data, x="variant", y="value", order=order, color="#1f3b5c", size=4,
-                      jitter=0.12, ax=ax)
+        sns.stripplot(data=shown, x="variant", y="value", order=shown_order, color="#1f3b5c",
+                      size=4, jitter=0.12, ax=ax)
         paper = [(i, paper_value(spec.reference, v, task, metric)) for i, v in enumerate(order)]
         paper = [(i, p) for i, p in paper if p is not None]
         if paper:
@@ -76,13 +94,13 @@ def plot_task_bars(frame: pd.DataFrame, spec: ReportSpec, out_dir: str | os.Path
         ax.set_xlim(-0.6, len(order) - 0.4)  # room for a missing first or last bar's note
         for i, v in enumerate(order):
             if v in missing:
-                ax.text(i, 0.04, missing[v].replace(" (", "\n("), ha="center", va="bottom",
+                ax.text(i, 0.04, _label(missing[v]).replace(" (", "\n("), ha="center", va="bottom",
                         fontsize=8, color="#444444", transform=ax.get_xaxis_transform())
         ax.set_xlabel("")
         ax.set_ylabel(f"{TASK_LABELS[task]} {metric} (%)")
-        ax.set_title(f"{spec.title}: {TASK_LABELS[task]} (dev)")
+        ax.set_title(_label(f"{spec.title}: {TASK_LABELS[task]} (dev)"))
         ax.tick_params(axis="x", labelrotation=20)
-        paths.append(_save(fig, out_dir / f"bars_{task}.png"))
+        paths.append(_save(fig, _png(out_dir, "bars_", task)))
     return paths
 
 
@@ -104,9 +122,10 @@ def plot_training_curves(curves: pd.DataFrame, spec: ReportSpec, out_dir: str | 
         if part.empty:
             continue
         part = _thin(part)
+        part = part.assign(variant=part["variant"].map(_label))
         tasks = [t for t in (["pretrain"] if kind == "pretrain" else spec.tasks)
                  if t in set(part["task"])]
-        order = _order(spec, list(part["variant"].unique()))
+        order = _order([_label(v) for v in spec.variants], list(part["variant"].unique()))
         fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             sns.lineplot(data=part[part["task"] == task], x="step", y="value", hue="variant",
@@ -115,6 +134,6 @@ def plot_training_curves(curves: pd.DataFrame, spec: ReportSpec, out_dir: str | 
                          else f"{TASK_LABELS.get(task, task)} fine-tuning")
             ax.set_ylabel(series)
             ax.legend(fontsize=8, title=None)
-        fig.suptitle(spec.title, fontsize=10)
-        paths.append(_save(fig, out_dir / f"curves_{kind}.png"))
+        fig.suptitle(_label(spec.title), fontsize=10)
+        paths.append(_save(fig, _png(out_dir, "curves_", kind)))
     return paths

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from lxmert_bench import __version__
+from lxmert_bench.io import atomic_write_text
 from lxmert_bench.model.config import PRESETS
 from lxmert_bench.report.collect import (
     ReportEntry,
@@ -38,6 +39,8 @@ from lxmert_bench.report.tables import (
     main_table,
     main_table_legend,
     markdown_table,
+    md_code,
+    md_text,
     significance_table,
 )
 
@@ -69,14 +72,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _by_value(per_variant: Mapping[str, Any]) -> str:
-    """'x' when all variants agree, else 'x (A, B); y (C)'."""
+def _by_value(per_variant: Mapping[str, Any], markdown_values: bool = False) -> str:
+    """'x' when all variants agree, else 'x (A, B); y (C)'. Names and values are escaped as
+    text, except values that are this module's own Markdown (``markdown_values``)."""
     groups: dict[str, list[str]] = {}
     for variant, value in per_variant.items():
-        groups.setdefault(_fmt(value), []).append(variant)
+        groups.setdefault(_fmt(value), []).append(md_text(variant))
+    shown = {v: (v if markdown_values else md_text(v)) for v in groups}
     if len(groups) == 1:
-        return next(iter(groups))
-    return "; ".join(f"{v} ({', '.join(names)})" for v, names in groups.items())
+        return shown[next(iter(groups))]
+    return "; ".join(f"{shown[v]} ({', '.join(names)})" for v, names in groups.items())
 
 
 def _switch_value(key: str, configs: Mapping[str, dict[str, Any]]) -> tuple[bool, Any]:
@@ -121,7 +126,7 @@ def switches_table(configs: Mapping[str, Mapping[str, dict[str, Any]]]) -> str:
         if not used:
             continue
         values = {_fmt(v) for v in used.values()}
-        rows.append([what, f"`{key}`", _fmt(paper), _fmt(code), _by_value(used),
+        rows.append([what, f"`{key}`", md_text(_fmt(paper)), md_text(_fmt(code)), _by_value(used),
                      _follows(values, paper, code)])
     if not rows:
         return "_No run config.json found yet: switches unknown._"
@@ -160,9 +165,9 @@ def warning_block(spec: ReportSpec, synthetic: bool, fingerprints: Sequence[str]
         return ""
     why = []
     if spec.profile != "default":
-        why.append(f"the `{spec.profile}` profile (not the paper's setup)")
+        why.append(f"the {md_code(spec.profile)} profile (not the paper's setup)")
     if synthetic:
-        fp = ", ".join(f"`{f}`" for f in fingerprints if f.startswith("synthetic")) or "synthetic"
+        fp = ", ".join(md_code(f) for f in fingerprints if f.startswith("synthetic")) or "synthetic"
         why.append(f"the **synthetic** benchmark (data {fp}), not VQA / GQA / NLVR²")
     return (
         "> **⚠️ NOT THE PAPER'S NUMBERS.** These runs used " + " and ".join(why) + ". "
@@ -176,34 +181,35 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
                configs: Mapping[str, Mapping[str, dict[str, Any]]], synthetic: bool) -> str:
     done = frame[frame["state"] == "done"]
     stages = done.drop_duplicates("stage")
-    lines = [f"- **Profile:** `{spec.profile}`" + (" (the paper's setup)" if spec.profile == "default"
+    lines = [f"- **Profile:** {md_code(spec.profile)}" + (" (the paper's setup)" if spec.profile == "default"
                                                     else " — **not** the paper's setup")]
     fps = fingerprints(frame, configs)
     if fps or synthetic:
         kind = "SYNTHETIC benchmark" if synthetic else "real data"
-        lines.append(f"- **Data:** {kind}; fingerprint " + (", ".join(f"`{f}`" for f in fps) or "unknown"))
+        lines.append(f"- **Data:** {kind}; fingerprint " + (", ".join(md_code(f) for f in fps) or "unknown"))
     else:
         lines.append("- **Data:** unknown (no run has a config.json or result.json yet)")
     models = {v: model_description(c["model"]) for v, cfgs in configs.items()
               for c in list(cfgs.values())[:1] if isinstance(c.get("model"), dict)}
     preset_note = spec.notes.get("model preset") or spec.notes.get("model_preset")
-    lines.append("- **Model:** " + (_by_value(models) if models else "unknown (no config.json yet)")
-                 + (f" (spec: {preset_note})" if preset_note else ""))
-    lines.append("- **Code version:** " + (", ".join(f"`{c}`" for c in _distinct(frame["code_version"]))
+    lines.append("- **Model:** " + (_by_value(models, markdown_values=True) if models
+                                    else "unknown (no config.json yet)")
+                 + (f" (spec: {md_text(preset_note)})" if preset_note else ""))
+    lines.append("- **Code version:** " + (", ".join(md_code(c) for c in _distinct(frame["code_version"]))
                                              or "unknown"))
     soft = []
     for col, name in (("torch_version", "torch"), ("python_version", "python"),
                       ("lxmert_bench_version", "lxmert-bench")):
         vals = _distinct(frame[col])
         if vals:
-            soft.append(f"{name} {', '.join(vals)}")
+            soft.append(f"{name} {md_text(', '.join(vals))}")
     lines.append("- **Software:** " + ("; ".join(soft) or "unknown"))
     hw = Counter()
     for _, r in stages.iterrows():
         gpus = r["num_gpus"] if isinstance(r["num_gpus"], (int, float)) and not pd.isna(r["num_gpus"]) else 0
         where = f"{r['device']} × {int(gpus)} GPU" if gpus else str(r["device"])
         hw[f"{where}, {r['precision']}"] += 1
-    lines.append("- **Hardware:** " + ("; ".join(f"{k} ({n} stages)" for k, n in hw.items())
+    lines.append("- **Hardware:** " + ("; ".join(f"{md_text(k)} ({n} stages)" for k, n in hw.items())
                                        or "unknown (no run done yet)"))
     gpu_h = float(pd.to_numeric(stages["gpu_hours"], errors="coerce").fillna(0).sum())
     wall_h = float(pd.to_numeric(stages["total_s"], errors="coerce").fillna(0).sum()) / 3600
@@ -212,7 +218,7 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
     lines.append("- **Runs:** " + _state_summary(frame))
     for key, value in spec.notes.items():
         if key not in ("model preset", "model_preset") and value not in (None, "", [], {}, ()):
-            lines.append(f"- **{key}:** {_fmt(value)}")
+            lines.append(f"- **{md_text(key)}:** {md_text(_fmt(value))}")
     return "\n".join(lines)
 
 
@@ -237,8 +243,8 @@ def not_done_table(frame: pd.DataFrame) -> str:
     for _, r in runs.iterrows():
         seed = "" if pd.isna(r["seed"]) else str(r["seed"])
         error = r["error"] if isinstance(r["error"], str) else ""
-        rows.append([r["variant"], TASK_LABELS.get(r["task"], r["task"]), seed, r["state"],
-                     f"`{r['stage']}`", error])
+        rows.append([md_text(r["variant"]), md_text(TASK_LABELS.get(r["task"], r["task"])), seed,
+                     md_text(r["state"]), md_code(r["stage"]), md_text(error)])
     headers = ["Variant", "Task", "Seed", "State", "Stage", "Error"]
     return markdown_table(headers, rows, ["left"] * len(headers))
 
@@ -252,7 +258,7 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
     summary = Summary(frame)
     synthetic = is_synthetic(frame, configs)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = [f"# {spec.title}", ""]
+    out = [f"# {md_text(spec.title)}", ""]
     warning = warning_block(spec, synthetic, fingerprints(frame, configs))
     if warning:
         out += [warning]
@@ -266,7 +272,7 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
             main_table(summary, spec, comparisons), "",
             main_table_legend(spec, bool(comparisons), n_resamples), ""]
     if comparisons:
-        out += [f"### Significance vs. *{spec.reference_variant}*", "",
+        out += [f"### Significance vs. *{md_text(spec.reference_variant)}*", "",
                 significance_table(comparisons), "",
                 f"Paired by seed (t-test) or by dev example (bootstrap, {n_resamples:,} resamples, "
                 "fixed seed); Δ and its 95% CI in accuracy points, variant minus reference.", ""]
@@ -301,13 +307,12 @@ def write_report(spec: ReportSpec, entries: Sequence[ReportEntry], workdir: str 
         pngs = plot_task_bars(frame, spec, tmp) + plot_training_curves(curves, spec, tmp)
         text = render_markdown(spec, frame, configs, comparisons, [p.name for p in pngs],
                                n_resamples)
-        (tmp / "report.md").write_text(text, encoding="utf-8")
+        atomic_write_text(tmp / "report.md", text)
         for old in out_dir.glob("*.png"):  # plots of an earlier report that this one no longer has
             if old.name.startswith(PLOT_PREFIXES) and not (tmp / old.name).exists():
                 old.unlink()
         for name in [p.name for p in pngs] + ["results.jsonl", "report.md"]:
-            os.chmod(tmp / name, 0o644)  # temporary files are private; a report is for everyone
-            os.replace(tmp / name, out_dir / name)
+            os.replace(tmp / name, out_dir / name)  # each written 0666 & ~umask by io.py
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "report.md"

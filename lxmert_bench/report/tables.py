@@ -8,6 +8,7 @@ the state (``failed (0/3 done)``); a variant without runs for a task says ``— 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -104,8 +105,31 @@ def format_cell(values: Sequence[float], states: Counter, digits: int = 2, bold:
     return f"{text} · {status}" if status else text
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# Inline Markdown (CommonMark + GitHub's strikethrough and math) and HTML: emphasis, code, links,
+# images, autolinks, raw HTML, entities, heading closers. '|' is left to markdown_table.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&~$#])")
+
+
+def md_text(value: object) -> str:
+    """Text from a spec, a config or a run (variant names, --set values, errors) as literal
+    Markdown: one line (control characters become spaces) with every character that could start
+    markup or HTML backslash-escaped, so it renders exactly as written and never as a link, an
+    image, a tag or a new block."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", _CONTROL.sub(" ", str(value)))
+
+
+def md_code(value: object) -> str:
+    """``value`` as an inline code span (one line; a fence longer than any backtick run in it)."""
+    text = _CONTROL.sub(" ", str(value))
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|")
+    """A table cell: one line, '|' escaped (also inside code spans, as GFM wants)."""
+    return _CONTROL.sub(" ", str(text)).replace("|", "\\|")
 
 
 def _best(means: Mapping[str, float], higher_is_better: bool) -> set[str]:
@@ -143,7 +167,7 @@ def main_table(summary: Summary, spec: ReportSpec,
                          for v in variants}, True) for task in spec.tasks}
     rows = []
     for v in variants:
-        name = f"{v} (ref.)" if v == spec.reference_variant else v
+        name = f"{md_text(v)} (ref.)" if v == spec.reference_variant else md_text(v)
         row = [name]
         for task in spec.tasks:
             comp = comparisons.get((v, task))
@@ -168,7 +192,7 @@ def main_table_legend(spec: ReportSpec, has_comparisons: bool, n_resamples: int 
                      "— where the paper has no such row or number.")
     if spec.reference_variant and has_comparisons:
         lines.append(
-            f"{SIG_MARK}: significantly different from the reference row *{spec.reference_variant}* "
+            f"{SIG_MARK}: significantly different from the reference row *{md_text(spec.reference_variant)}* "
             "at 95% (two-sided; paired t-test over seeds with ≥ 3 paired seeds, otherwise a paired "
             f"bootstrap over dev examples, {n_resamples:,} resamples). See the significance table.")
     return "\n".join(f"- {line}" for line in lines)
@@ -184,7 +208,8 @@ def significance_table(comparisons: Mapping[tuple[str, str], Comparison], digits
             f", {c.examples} examples" if c.examples else "")
         test = c.method if not c.note else f"{c.method}: {c.note}"
         p = "—" if math.isnan(c.p_value) else (f"{c.p_value:.3g}" if c.p_value >= 1e-4 else "<1e-4")
-        rows.append([variant, TASK_LABELS.get(task, task), "—" if nan else f"{c.diff:+.{digits}f}",
+        rows.append([md_text(variant), md_text(TASK_LABELS.get(task, task)),
+                     "—" if nan else f"{c.diff:+.{digits}f}",
                      ci, p, test, paired, "yes " + SIG_MARK if c.significant else "no"])
     align = ("left", "left", "right", "right", "right", "left", "left", "left")
     return markdown_table(headers, rows, align)
@@ -209,9 +234,9 @@ def metric_table(summary: Summary, spec: ReportSpec, kind: str, task: str,
     for v in variants:
         states = summary.state(kind, v, task)
         if kind == "pretrain" and not states:
-            rows.append([v, *["no pretraining"] * len(cols)])
+            rows.append([md_text(v), *["no pretraining"] * len(cols)])
             continue
-        rows.append([v, *[format_cell(summary.cell(kind, v, task, m), states, digits,
+        rows.append([md_text(v), *[format_cell(summary.cell(kind, v, task, m), states, digits,
                                       bold=v in best[m]) for m in cols]])
     return markdown_table(headers, rows)
 
