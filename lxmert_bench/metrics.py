@@ -187,7 +187,8 @@ def vqa_example_scores(
 def vqa_soft_accuracy(predictions: Mapping[Hashable, str],
                       labels: Mapping[Hashable, Mapping[str, float]]) -> float:
     """Official LXMERT ``VQAEvaluator.evaluate``: mean soft score of the predicted answers, in
-    percent, over the predicted questions (each must have a label)."""
+    percent. Every labelled question needs a prediction (that evaluator would average over the
+    questions present; the official VQA evaluator refuses such a set, and so do we)."""
     scores = vqa_example_scores(predictions, labels=labels)
     return 100.0 * sum(scores.values()) / len(scores) if scores else 0.0
 
