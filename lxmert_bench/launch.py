@@ -68,8 +68,13 @@ class LaunchError(RuntimeError):
 class StageJob(submitit.helpers.Checkpointable):
     """Runs one stage from its run directory. Small to pickle: a workdir and a stage id.
 
-    On Slurm preemption or timeout submitit calls :meth:`checkpoint`, which requeues the same job;
-    the stage then resumes from its last checkpoint.
+    Preemption or timeout (USR2 on every rank, ``slurm_signal_delay_s`` before the limit, or
+    ``scancel --signal=USR2``): submitit's own handler would requeue at once on rank 0 while the
+    other ranks train on, with nothing saved. Instead every rank's USR2 only sets a flag
+    (``train.loop.request_stop``); the ranks agree on it at a step boundary, write ``last.pt``
+    together and raise ``StopRequested``; then submitit's handler runs as it would have (rank 0:
+    :meth:`checkpoint`, ``scontrol requeue``, exit; its timeout count included), and the requeued
+    job resumes from that checkpoint.
     """
 
     def __init__(self, workdir: str, stage_id: str, threads: int | None = None,
@@ -87,10 +92,35 @@ class StageJob(submitit.helpers.Checkpointable):
         if self.launcher:
             watch_launcher(*self.launcher)
         # multi-task Slurm jobs: train.loop.setup_distributed exports submitit's torch environment
+        from lxmert_bench.train.loop import StopRequested
         from lxmert_bench.train.stages import run_stage
 
-        result = run_stage(RunDir(self.workdir, self.stage_id), wait_for_lock=True)
+        requeue = self._defer_preemption_signal()
+        try:
+            result = run_stage(RunDir(self.workdir, self.stage_id), wait_for_lock=True)
+        except StopRequested as stop:
+            if requeue is None:
+                raise
+            requeue(stop.signum or signal.SIGUSR2)  # rank 0: requeues and exits; others return
+            sys.exit(0)  # other ranks: the requeue ends this step on every node
         return {"stage_id": self.stage_id, "metrics": result.get("metrics", {})}
+
+    @staticmethod
+    def _defer_preemption_signal() -> Callable[[int], None] | None:
+        """In a submitit Slurm job: make the preemption signal a stop request for the training
+        loop and return submitit's handler (to call once ``last.pt`` is written); else None."""
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            return None
+        from submitit.core.job_environment import JobEnvironment, SignalHandler
+
+        from lxmert_bench.train.loop import request_stop
+
+        sig = JobEnvironment._usr_sig()
+        submitit_handler = signal.getsignal(sig)
+        if not isinstance(getattr(submitit_handler, "__self__", None), SignalHandler):
+            return None  # not installed by submitit's process_job: leave the signal alone
+        signal.signal(sig, request_stop)
+        return submitit_handler  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"StageJob({self.stage_id})"

@@ -22,10 +22,13 @@ import json
 import math
 import os
 import random
+import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,15 +64,44 @@ class DistInfo:
         return self.world_size > 1
 
 
+DIST_TIMEOUT_ENV = "LXMERT_BENCH_DIST_TIMEOUT_S"
+DEFAULT_DIST_TIMEOUT_S = 1800.0  # torch's own default; must outlast rank 0's evaluation
+
+
+def dist_timeout_s() -> float:
+    """Seconds a collective (or the rendezvous) waits for a peer before it raises, from
+    ``$LXMERT_BENCH_DIST_TIMEOUT_S``: a dead peer ends the run with an error instead of a hang.
+    Not part of any stage's identity (it never changes a result)."""
+    raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DIST_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"${DIST_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by the environment, if any.
 
-    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under Slurm with more
-    than one task, submitit's ``TorchDistributedEnvironment().export()`` sets the same variables.
+    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. In a submitit Slurm
+    job with more than one task, submitit's ``TorchDistributedEnvironment`` sets them from Slurm's
+    variables: MASTER_ADDR is the job's first node (``SLURM_JOB_NODELIST``), the port a function of
+    the job id. They overwrite any inherited from the submitting shell (sbatch exports its
+    environment, so a submitter running under torchrun would otherwise hand its own rank down).
     """
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-    if "SLURM_JOB_ID" in os.environ and slurm_tasks > 1 and "RANK" not in os.environ:
+    in_submitit_slurm = "SLURM_JOB_ID" in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    if in_submitit_slurm and slurm_tasks > 1:
         import submitit
+
+        env = submitit.helpers.TorchDistributedEnvironment()
+        env.export(set_cuda_visible_devices=False, overwrite=True)
+    elif "SLURM_JOB_ID" in os.environ and slurm_tasks > 1 and "RANK" not in os.environ:
+        import submitit  # srun without submitit: the same variables
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -86,9 +118,62 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
-                            rank=rank, world_size=world)
+    timeout_s = dist_timeout_s()
+    backend = "nccl" if use_cuda else "gloo"
+    # where each rank is and whom it joins: the first thing to read when a multi-node run fails
+    master = os.environ["MASTER_ADDR"]
+    try:
+        master_ip = socket.gethostbyname(master)
+    except OSError:
+        master_ip = "unresolved"
+    print(f"[distributed] rank {rank}/{world} (local {local_rank}) on {socket.gethostname()}: "
+          f"{backend}, MASTER_ADDR={master} ({master_ip}):{os.environ['MASTER_PORT']}, "
+          f"timeout {timeout_s:g} s", file=sys.stderr, flush=True)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, owns_group=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping at a step boundary (preemption, time limit)
+# ---------------------------------------------------------------------------------------------
+_stop_signal: int | None = None  # set by request_stop (a signal handler), read by train()
+
+
+class StopRequested(BaseException):  # noqa: N818 - control flow like SystemExit, not an error
+    """Training stopped at a step boundary because a stop was requested (the preemption signal):
+    every rank has written its part of ``last.pt`` at ``step``, so the run resumes from there.
+    A BaseException, so ``except Exception`` (error.json, "failed") does not take it for a failure.
+    """
+
+    def __init__(self, step: int, signum: int | None):
+        self.step, self.signum = step, signum
+        name = signal.Signals(signum).name if signum else "a stop request"
+        super().__init__(f"stopped by {name} after step {step} (last.pt written)")
+
+
+def request_stop(signum: int, _frame: Any = None) -> None:
+    """Signal handler (any rank): ask train() to write ``last.pt`` and raise
+    :class:`StopRequested` at its next step boundary where the ranks agree on it."""
+    global _stop_signal
+    _stop_signal = signum
+
+
+def stop_requested() -> int | None:
+    """The signal that requested a stop in this process, or None."""
+    return _stop_signal
+
+
+def _stop_agreed(info: DistInfo, step: int, every: int, device: torch.device) -> bool:
+    """True when any rank has a stop request. Alone: checked every step (a Python flag). Under
+    DDP: one int all-reduced every ``every`` steps, the same steps on every rank (no per-step sync)."""
+    if not info.enabled:
+        return _stop_signal is not None
+    if step % max(1, every):
+        return False
+    flag = torch.tensor([int(_stop_signal is not None)], device=device)  # nccl: a device tensor
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def teardown_distributed(info: DistInfo) -> None:
@@ -310,6 +395,7 @@ class LoopSettings:
     eval_every_epoch: bool = True
     find_unused_parameters: bool = False  # DDP: heads that some steps do not use
     desc: str = "train"
+    stop_check_every: int = 10  # DDP: steps between the ranks' agreements on a stop request
 
 
 @dataclass
@@ -590,6 +676,12 @@ def train(
                 finished = state.global_step >= total_steps
                 if finished or last_of_epoch:
                     break
+                if _stop_agreed(info, state.global_step, settings.stop_check_every, device):
+                    save_last()  # collective: every rank is here, at the same step
+                    name = signal.Signals(_stop_signal).name if _stop_signal else "another rank"
+                    progress.write(f"[{settings.desc}] stop requested ({name}): last.pt written "
+                                   f"at step {state.global_step}")
+                    raise StopRequested(state.global_step, _stop_signal)
                 if state.global_step % max(1, settings.checkpoint_every) == 0:
                     save_last()
                     tick = time.perf_counter()  # checkpoint time is not training time
