@@ -191,3 +191,36 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, data):
     assert [r["step"] for r in l1] == [r["step"] for r in l2] == [1, 2, 3, 4]
     for a, b in zip(l1, l2):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: code running from a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_finetune_refuses_a_tampered_init_from_model_and_runs_nothing(tmp_path, data):
+    """Someone who can write the pretraining run's model.pt replaced it with a code-running
+    pickle: the fine-tuning stage that starts from it fails naming the file; the code never ran."""
+    from lxmert_bench.io import RefusedFile
+
+    pre_cfg = pretrain_config(data)
+    pre = prepare(tmp_path, pre_cfg)
+    marker = tmp_path / "pwned"
+    pre.checkpoint_dir.mkdir(parents=True)
+    torch.save({"bert.pooler.dense.weight": torch.zeros(2, 2), "x": _Payload(marker)},
+               pre.checkpoint_dir / "model.pt")
+    pre.write_result({"stage_id": pre_cfg.stage_id, "kind": "pretrain", "metrics": {}})
+    ft = RunConfig(kind="finetune", seed=0, model=LxmertConfig.preset("test"), data=data,
+                   finetune=TASK_DEFAULTS["vqa"], init_from=pre_cfg.stage_id, device="cpu")
+    rd = prepare(tmp_path, ft)
+    with pytest.raises(RefusedFile):
+        run_stage(rd)
+    assert not marker.exists()
+    error = json.loads(rd.error_path.read_text())
+    assert str(pre.checkpoint_dir / "model.pt") in error["error"] and "refused" in error["error"]
+    assert not (rd.checkpoint_dir / "last.pt").exists()  # not one step trained
