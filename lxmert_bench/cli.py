@@ -12,11 +12,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lxmert_bench.store import FAILED, INTERRUPTED, ORPHANED
+
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LAUNCH = 0, 1, 2, 3
+NOT_FINISHED = (FAILED, INTERRUPTED, ORPHANED)  # after a run: states that make it exit 1
+
+
+class InputError(Exception):
+    """Bad input found by the CLI itself (a path, a selector): exit 2 with this message."""
 
 
 def _err(msg: str) -> None:
     print(f"lxmert-bench: error: {msg}", file=sys.stderr)
+
+
+def _note(msg: str) -> None:
+    """Human-readable context on stderr, so it never mixes into --json output."""
+    print(f"lxmert-bench: {msg}", file=sys.stderr)
 
 
 def _add_common(p: argparse.ArgumentParser, plan_args: bool = True) -> None:
@@ -35,6 +47,9 @@ def _add_common(p: argparse.ArgumentParser, plan_args: bool = True) -> None:
                        help="override any config key, e.g. --set pretrain.optim.lr=5e-5 (repeatable)")
         p.add_argument("--slurm-profile", default=None,
                        help="resource profile in slurm/profiles/ (default: the scale profile's)")
+        p.add_argument("--fresh", action="store_true",
+                       help="ignore the options remembered from the spec's last run (profile, "
+                            "--set, --slurm-profile); run remembers the new ones")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the plan; submit nothing")
     run.add_argument("--wait", action="store_true", help="on Slurm, follow the jobs to the end")
     run.add_argument("--retry-failed", action="store_true",
-                     help="resubmit failed, cancelled and orphaned stages (and their dependents)")
+                     help="also resubmit failed stages (interrupted ones resume without it)")
+    run.add_argument("--rerun", action="append", default=[], metavar="SELECTOR",
+                     help="run finished stages again: move their run directories (and their "
+                          "dependents') to <workdir>/archive/ and plan them anew; SELECTOR is a "
+                          "stage id or hash prefix, or KEY=VALUE,... over kind, variant, task, "
+                          "seed (repeatable)")
     run.add_argument("--parallel", type=int, default=None, help="local: stages at once")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,38 +116,94 @@ def _workdir(args: argparse.Namespace) -> Path:
     return Path(args.workdir) if args.workdir else default_workdir()
 
 
+def _memory_path(workdir: Path, spec_path: str) -> Path:
+    return workdir / "specs" / (Path(spec_path).stem + ".json")
+
+
 def _remembered(workdir: Path, spec_path: str) -> dict[str, Any]:
+    """The options this spec file was last run with in this workdir ({} if none, or if they
+    belong to another spec file of the same name)."""
     from lxmert_bench.io import read_json
 
-    p = workdir / "specs" / (Path(spec_path).stem + ".json")
+    p = _memory_path(workdir, spec_path)
     try:
-        return read_json(p) if p.is_file() else {}
+        mem = read_json(p) if p.is_file() else {}
     except ValueError:
         return {}
+    if not isinstance(mem, dict) or mem.get("spec") != str(Path(spec_path).resolve()):
+        return {}
+    return mem
+
+
+def _check_workdir(args: argparse.Namespace, workdir: Path) -> None:
+    """Say where the workdir is (first line of human output, on stderr); refuse one that is a file
+    or, for ``run``, cannot be written."""
+    import os
+
+    where = workdir.resolve()
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {where}: is a file, expected a directory")
+    if args.command == "run" and not getattr(args, "dry_run", False):
+        parent = where
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"--workdir {where}: {parent} is not writable (read-only filesystem "
+                             "or no permission); choose a workdir you can write")
+    elif not workdir.is_dir():
+        _note(f"workdir {where} (does not exist: nothing has run here; pass --workdir or set "
+              "LXMERT_BENCH_WORKDIR to look elsewhere)")
+        return
+    _note(f"workdir {where}")
 
 
 def _load(args: argparse.Namespace) -> tuple[list, Any, Path]:
-    """Specs + plan. Status/report/cancel reuse the profile and --set a spec was last run with."""
+    """Specs + plan. Every command reuses the profile, --set and --slurm-profile a spec was last
+    run with (unless given, or --fresh), and says so."""
     from lxmert_bench.plan import make_plan
     from lxmert_bench.spec import load_spec
 
     workdir = _workdir(args)
+    _check_workdir(args, workdir)
     specs = []
+    args.effective = {}
     for path in args.specs:
-        mem = _remembered(workdir, path)
+        mem = {} if getattr(args, "fresh", False) else _remembered(workdir, path)
         profile = args.profile or mem.get("profile")
         overrides = args.overrides if args.overrides is not None else mem.get("overrides")
-        specs.append(load_spec(path, profile, overrides))
+        slurm = getattr(args, "slurm_profile", None) or mem.get("slurm_profile")
+        used = []
+        if not args.profile and mem.get("profile"):
+            used.append(f"--profile {mem['profile']}")
+        if args.overrides is None and mem.get("overrides"):
+            used += [f"--set {o}" for o in mem["overrides"]]
+        if not getattr(args, "slurm_profile", None) and mem.get("slurm_profile"):
+            used.append(f"--slurm-profile {mem['slurm_profile']}")
+        if used:
+            _note(f"{Path(path).name}: using the options of its last run: {' '.join(used)} "
+                  f"(from {_memory_path(workdir, path)}; give other ones, or --fresh to forget them)")
+        spec = load_spec(path, profile, overrides)
+        args.effective[spec.path] = {"profile": _profile_arg(spec.profile),
+                                     "overrides": list(overrides or []), "slurm_profile": slurm}
+        specs.append(spec)
     return specs, make_plan(specs, workdir), workdir
 
 
+def _profile_arg(profile) -> str:
+    """How to name a profile on the command line: a shipped one by name, others by path."""
+    from lxmert_bench.spec import PROFILE_DIR
+
+    shipped = profile.path and Path(profile.path).parent == PROFILE_DIR
+    return profile.name if shipped or not profile.path else profile.path
+
+
 def _remember(workdir: Path, args: argparse.Namespace, specs: list) -> None:
+    """Keep the options in force (given or remembered), so the next command runs the same."""
     from lxmert_bench.io import atomic_write_json
 
     for spec in specs:
-        atomic_write_json(workdir / "specs" / f"{Path(spec.path).stem}.json", {
-            "spec": str(Path(spec.path).resolve()), "profile": spec.profile.path or spec.profile.name,
-            "overrides": args.overrides or [],
+        atomic_write_json(_memory_path(workdir, spec.path), {
+            "spec": str(Path(spec.path).resolve()), **args.effective[spec.path],
             "allow_group_write": bool(getattr(args, "allow_group_write", False)),  # provenance
         })
 
@@ -144,7 +220,8 @@ def _permission_problems(args: argparse.Namespace, plan, workdir: Path) -> list[
 def _resources(args: argparse.Namespace, specs: list):
     from lxmert_bench.launch import load_resource_profile
 
-    return load_resource_profile(args.slurm_profile or specs[0].profile.slurm_profile)
+    remembered = getattr(args, "effective", {}).get(specs[0].path, {}).get("slurm_profile")
+    return load_resource_profile(args.slurm_profile or remembered or specs[0].profile.slurm_profile)
 
 
 def _in_spec_order(plan) -> list:
@@ -186,6 +263,9 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
     spec = plan.specs[0]
     print(f"Plan for {', '.join(s.name for s in plan.specs)} (profile: {spec.profile.name}, "
           f"resources: {resources.name})")
+    for sp in plan.specs:
+        if sp.seeds_note:
+            print(f"{sp.name}: {sp.seeds_note}")
     table = [[r["state"], r["kind"], r["stage"].split("/")[1], r["what"],
               f"{r['shared_by']} variants" if r["shared_by"] > 1 else "",
               f"{r['gpus']} GPU, {r['time_min']} min" if r["gpus"] else f"CPU, {r['time_min']} min",
@@ -231,6 +311,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n(dry run: nothing submitted)")
         return EXIT_OK
     executor = resolve_executor(args.executor or specs[0].profile.executor)
+    if args.rerun:
+        _archive_for_rerun(plan, workdir, args.rerun)
     _remember(workdir, args, specs)
     report = launch(plan, workdir, executor, resources=resources, retry_failed=args.retry_failed,
                     parallelism=args.parallel, progress=not args.quiet)
@@ -246,13 +328,39 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f" --workdir {args.workdir}" if args.workdir else ""))
     if statuses is None:
         statuses = stage_statuses(plan, workdir)
-    bad = {sid: s for sid, s in statuses.items() if s.state in ("failed", "cancelled", "orphaned")}
+    bad = {sid: s for sid, s in statuses.items() if s.state in NOT_FINISHED}
     for sid, s in bad.items():
         print(f"  {s.state}: {sid} {s.reason}".rstrip())
+    if any(s.state == INTERRUPTED for s in bad.values()):
+        print("interrupted stages resume from their last checkpoint: re-run the same command")
     if not args.no_report:
         for spec in specs:
             _write_report(spec, plan, workdir, None, statuses)
     return EXIT_FAILED if bad or report.blocked else EXIT_OK
+
+
+def _archive_for_rerun(plan, workdir: Path, selectors: list[str]) -> None:
+    """``run --rerun``: archive the selected stages and everything that depends on them."""
+    from lxmert_bench.launch import stage_statuses
+    from lxmert_bench.plan import match_stages
+    from lxmert_bench.store import ACTIVE, RunDir
+
+    chosen: list[str] = []
+    for sel in selectors:
+        for sid in match_stages(plan, sel):
+            for s in (sid, *plan.dependents(sid)):
+                if s not in chosen:
+                    chosen.append(s)
+    statuses = stage_statuses(plan, workdir)
+    busy = [f"{s} ({statuses[s].state}{': ' + statuses[s].reason if statuses[s].reason else ''})"
+            for s in chosen if statuses[s].state in ACTIVE]
+    if busy:
+        raise InputError("--rerun: these stages are queued or running; cancel them first: "
+                         + ", ".join(busy))
+    for sid in chosen:
+        run = RunDir(workdir, sid)
+        if run.path.exists():
+            print(f"rerun {sid}: moved its run directory to {run.archive()}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -279,7 +387,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if s.error_tail:
                 print(f"\n--- {s.state}: {st.stage_id} ({st.describe()})")
                 print("    " + s.error_tail.replace("\n", "\n    "))
-    return EXIT_FAILED if any(s.state in ("failed", "orphaned") for s in statuses.values()) else EXIT_OK
+    return EXIT_FAILED if any(s.state in (FAILED, ORPHANED) for s in statuses.values()) else EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -293,12 +401,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_report(spec, plan, workdir: Path, out: str | None, statuses=None) -> Path | None:
-    try:
-        from lxmert_bench.report.harness import report_for_spec
-    except ImportError as e:  # the report layer is optional while it is being built
-        _err(f"report not written: {e}")
-        return None
+def _write_report(spec, plan, workdir: Path, out: str | None, statuses=None) -> Path:
+    from lxmert_bench.report.harness import report_for_spec
+
     path = report_for_spec(spec, plan, workdir, Path(out) if out else None, statuses)
     print(f"report: {path}")
     return path
@@ -307,8 +412,7 @@ def _write_report(spec, plan, workdir: Path, out: str | None, statuses=None) -> 
 def cmd_report(args: argparse.Namespace) -> int:
     specs, plan, workdir = _load(args)
     for spec in specs:
-        if _write_report(spec, plan, workdir, args.out) is None:
-            return EXIT_FAILED
+        _write_report(spec, plan, workdir, args.out)
     return EXIT_OK
 
 
@@ -323,15 +427,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from lxmert_bench.store import RunDir
-    from lxmert_bench.train.stages import run_stage
+    from lxmert_bench.train.stages import main as stage_main
 
-    path = Path(args.run_dir).resolve()
-    if not (path / "config.json").is_file():
-        _err(f"{path}: not a run directory (no config.json)")
-        return EXIT_INVALID
-    run_stage(RunDir(path.parents[2], f"{path.parent.name}/{path.name}"))
-    return EXIT_OK
+    return stage_main([args.run_dir])
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "cancel": cmd_cancel,
@@ -339,8 +437,12 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "cancel": cm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lxmert_bench.data.synthetic import DataRootError
     from lxmert_bench.launch import LaunchError
+    from lxmert_bench.plan import SelectorError
+    from lxmert_bench.report.harness import ReportDirError
     from lxmert_bench.spec import SpecError
+    from lxmert_bench.store import StageBusy
 
     args = build_parser().parse_args(argv)
     try:
@@ -349,14 +451,23 @@ def main(argv: list[str] | None = None) -> int:
         for p in e.problems:
             _err(p)
         return EXIT_INVALID
+    except (InputError, DataRootError, SelectorError, ReportDirError, FileNotFoundError,
+            NotADirectoryError) as e:
+        _err(str(e))
+        return EXIT_INVALID
     except LaunchError as e:
         _err(str(e))
         return EXIT_LAUNCH
-    except FileNotFoundError as e:
+    except StageBusy as e:
         _err(str(e))
-        return EXIT_INVALID
+        return EXIT_FAILED
+    except OSError as e:  # a full disk, a vanished mount: the system's own words, and the file
+        where = f"{e.filename}: " if e.filename else ""
+        _err(f"{where}{e.strerror or e}; nothing finished was lost (results are written last)")
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        _err("interrupted; finished stages are kept, re-run the same command to continue")
+        _err("interrupted; finished stages are kept and interrupted ones resume from their last "
+             "checkpoint: re-run the same command to continue")
         return 130
 
 

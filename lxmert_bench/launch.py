@@ -370,7 +370,7 @@ def _state(run: RunDir, rec: dict[str, Any] | None, sstates: dict[str, tuple[str
     if disk == RUNNING:
         return RUNNING, describe_holder(run.lock_holder() or {})
     if disk == FAILED:
-        return FAILED, "raised an error (re-run with --retry-failed)"
+        return FAILED, run.result_problem() or "raised an error (re-run with --retry-failed)"
     rec = rec or {}
     if rec.get("state") == ORPHANED:
         return ORPHANED, rec.get("reason", "")

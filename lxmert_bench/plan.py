@@ -24,7 +24,6 @@ from lxmert_bench.config import (
 )
 from lxmert_bench.model.config import LxmertConfig
 from lxmert_bench.spec import Spec, Variant
-from lxmert_bench.store import RunDir
 
 KIND_LEVEL = {"bert": 0, "pretrain": 1, "finetune": 2}
 PRETRAIN_SEED = 9595  # the official --seed default: one pretraining per variant unless seeded
@@ -293,6 +292,12 @@ def check_data(plan: Plan) -> list[str]:
                                                      data.synthetic_seed)
                     if problem:
                         problems.append(f"{spec.path}: data.root: {problem}")
+                        continue
+                # once generated, its files are checked like any data root's
+                root = next((st.config.data.root for st in plan.stages.values()
+                             if any(u[:2] == (spec.name, v.name) for u in st.users)), data.root)
+                if (Path(root) / "synthetic.json").is_file():
+                    needs_by_root.setdefault(root, []).extend(data_needs(s, spec.tasks))
                 continue
             needs_by_root.setdefault(data.root, []).extend(data_needs(s, spec.tasks))
             if data.vocab and not Path(data.vocab).is_file():
@@ -308,8 +313,55 @@ def check_data(plan: Plan) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def stage_state(workdir: str | Path, stage_id: str) -> str:
-    return RunDir(workdir, stage_id).disk_state()
+SELECTOR_KEYS = ("kind", "variant", "task", "seed", "stage")
+
+
+class SelectorError(ValueError):
+    """A stage selector that names a key we do not know, or no stage at all."""
+
+
+def match_stages(plan: Plan, selector: str) -> list[str]:
+    """The stage ids a selector names, in plan order.
+
+    A selector is a stage id (``pretrain/0123abcd4567``) or hash prefix, or comma-separated
+    ``key=value`` terms, all of which must hold: ``kind`` (bert, pretrain, finetune), ``variant``
+    (any spec variant using the stage), ``task`` and ``seed`` (a fine-tuning's own task and seed;
+    terms a stage does not have never match it), ``stage`` (id or hash prefix).
+    E.g. ``variant=Feat + Label,kind=pretrain`` or ``task=vqa,seed=0``.
+    """
+    selector = selector.strip()
+    if "=" not in selector:
+        terms = {"stage": selector}
+    else:
+        terms = {}
+        for part in selector.split(","):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in SELECTOR_KEYS:
+                raise SelectorError(f"selector {selector!r}: {part.strip()!r} is not KEY=VALUE with "
+                                    f"KEY one of {', '.join(SELECTOR_KEYS)}")
+            terms[key] = value
+    out = [st.stage_id for st in plan.ordered() if _matches(st, terms)]
+    if not out:
+        raise SelectorError(f"selector {selector!r} names no stage of the plan "
+                            f"({len(plan.stages)} stages; see `lxmert-bench plan`)")
+    return out
+
+
+def _matches(st: Stage, terms: dict[str, str]) -> bool:
+    c = st.config
+    for key, value in terms.items():
+        if key == "kind" and c.kind != value:
+            return False
+        if key == "stage" and not (st.stage_id == value or c.content_hash().startswith(value)):
+            return False
+        if key == "variant" and value not in {u[1] for u in st.users}:
+            return False
+        if key == "task" and not (c.kind == "finetune" and c.finetune.task == value):
+            return False
+        if key == "seed" and not (c.kind == "finetune" and str(c.seed) == value):
+            return False
+    return True
 
 
 # Paper-scale reference GPU-hours (LXMERT_FACTS.md §2-3: pretraining 20 epochs ~ 8.5 days on 4 GPUs;

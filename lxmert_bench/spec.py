@@ -47,7 +47,10 @@ SPEC_KEYS = {
     "seeds": "a list of integer seeds (fine-tuning; pretraining too with seed_pretraining)",
     "seed_pretraining": "true: one pretraining per seed; false (default): one per variant",
 }
-PROFILE_KEYS = ("name", "description", "executor", "slurm_profile", "seeds", "overrides")
+PROFILE_KEYS = ("name", "description", "executor", "slurm_profile", "seeds", "max_seeds",
+                "overrides")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+MAX_YAML_NODES = 100_000  # a spec or profile expanded through its YAML aliases (alias bombs)
 
 
 class SpecError(Exception):
@@ -97,12 +100,42 @@ def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
+def _expanded_size(node: yaml.Node | None, limit: int) -> int:
+    """How many nodes ``node`` becomes once its aliases are expanded (counting stops past
+    ``limit``); composing shares aliased nodes, so this is cheap where loading would not be."""
+    memo: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in memo:
+            return memo[id(n)]
+        memo[id(n)] = limit + 1  # a recursive alias expands forever
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        memo[id(n)] = min(total, limit + 1)
+        return memo[id(n)]
+
+    return size(node) if node is not None else 0
+
+
 def _load_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
     if not path.is_file():
-        raise SpecError([f"{path}: file not found"])
-    text = path.read_text(encoding="utf-8")
+        kind = "is a directory" if path.is_dir() else "file not found"
+        raise SpecError([f"{path}: {kind}"])
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SpecError([f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                         f"{e.start}); save the file as UTF-8"]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise SpecError([f"{path}: expands to more than {MAX_YAML_NODES:,} YAML nodes through "
+                             "its aliases (&/*); a spec is a few dozen keys"])
         data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -311,7 +344,8 @@ class Profile:
     description: str = ""
     executor: str = "auto"
     slurm_profile: str = "default"
-    seeds: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] | None = None  # used by specs that name no seeds
+    max_seeds: int | None = None  # run only the first N of a spec's seeds
     overrides: dict[str, Any] = field(default_factory=dict)
     path: str = ""
 
@@ -348,16 +382,37 @@ def load_profile(name_or_path: str | None) -> Profile:
     if executor not in EXECUTORS:
         problems.append(f"{where('executor')}: executor: expected one of {list(EXECUTORS)}, got {executor!r}")
     seeds = data.get("seeds")
-    if seeds is not None and not (isinstance(seeds, list) and all(isinstance(s, int) for s in seeds)):
-        problems.append(f"{where('seeds')}: seeds: expected a list of integers, got {seeds!r}")
+    if seeds is not None:
+        problem = _seeds_problem(seeds)
+        if problem:
+            problems.append(f"{where('seeds')}: seeds: {problem}")
+    max_seeds = data.get("max_seeds")
+    if max_seeds is not None and not (isinstance(max_seeds, int) and not isinstance(max_seeds, bool)
+                                      and max_seeds >= 1):
+        problems.append(f"{where('max_seeds')}: max_seeds: expected a positive integer, "
+                        f"got {max_seeds!r}")
     overrides = validate_overrides(data.get("overrides"), where, ("overrides",), problems)
     if problems:
         raise SpecError(problems)
     return Profile(
         name=str(data.get("name", path.stem)), description=str(data.get("description", "")),
         executor=executor, slurm_profile=str(data.get("slurm_profile", "default")),
-        seeds=tuple(seeds) if seeds else None, overrides=overrides, path=str(path),
+        seeds=tuple(seeds) if seeds else None, max_seeds=max_seeds, overrides=overrides,
+        path=str(path),
     )
+
+
+def _seeds_problem(seeds: Any) -> str | None:
+    """What is wrong with a seeds list, or None."""
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        return f"expected a non-empty list of integers, got {seeds!r}"
+    bad = [x for x in seeds if not 0 <= x <= MAX_SEED]
+    if bad:
+        return f"seeds must be between 0 and {MAX_SEED} (numpy and torch seeds), got {bad}"
+    if len(set(seeds)) != len(seeds):
+        return f"a seed is listed twice: {seeds}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +439,15 @@ class Spec:
     seed_pretraining: bool = False
     base: dict[str, Any] = field(default_factory=dict)
     cli_overrides: dict[str, Any] = field(default_factory=dict)
+    declared_seeds: tuple[int, ...] = ()  # as the spec file lists them, before max_seeds
+
+    @property
+    def seeds_note(self) -> str:
+        """Says when the profile runs fewer seeds than the spec lists ('' otherwise)."""
+        if self.declared_seeds and len(self.seeds) < len(self.declared_seeds):
+            return (f"seeds {list(self.seeds)} of the spec's {list(self.declared_seeds)} "
+                    f"(profile {self.profile.name}: max_seeds {self.profile.max_seeds})")
+        return ""
 
     def settings(self, variant: Variant) -> dict[str, Any]:
         """The flat overrides in force for one variant, precedence applied."""
@@ -445,14 +509,12 @@ def load_spec(
     if len(set(map(str, tasks))) != len(tasks):
         problems.append(f"{where('tasks')}: tasks: a task is listed twice: {tasks}")
 
-    seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(
-        isinstance(s, int) and not isinstance(s, bool) for s in seeds
-    ):
-        problems.append(f"{where('seeds')}: seeds: expected a non-empty list of integers, got {seeds!r}")
-        seeds = []
-    elif len(set(seeds)) != len(seeds):
-        problems.append(f"{where('seeds')}: seeds: a seed is listed twice: {seeds}")
+    seeds = data.get("seeds")
+    if seeds is not None:
+        problem = _seeds_problem(seeds)
+        if problem:
+            problems.append(f"{where('seeds')}: seeds: {problem}")
+            seeds = []
 
     seed_pretraining = data.get("seed_pretraining", False)
     if not isinstance(seed_pretraining, bool):
@@ -515,15 +577,22 @@ def load_spec(
     assert prof is not None
     spec = Spec(
         name=name, title=str(data.get("title") or name), path=str(path), variants=tuple(variants),
-        tasks=tuple(tasks), seeds=tuple(prof.seeds or seeds), profile=prof,
+        tasks=tuple(tasks), seeds=effective_seeds(seeds, prof), profile=prof,
         reference=reference, reference_variant=ref_variant or (names[-1] if names else None),
         description=str(data.get("description", "")), seed_pretraining=seed_pretraining,
-        base=base, cli_overrides=cli,
+        base=base, cli_overrides=cli, declared_seeds=tuple(seeds or ()),
     )
     _check_consistency(spec, where, problems)
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def effective_seeds(spec_seeds: list[int] | None, profile: Profile) -> tuple[int, ...]:
+    """Precedence, lowest first: [0] < the profile's ``seeds`` < the spec's ``seeds``; then the
+    profile's ``max_seeds`` keeps the first N (the test profile runs one seed of any spec)."""
+    seeds = tuple(spec_seeds) if spec_seeds else (profile.seeds or (0,))
+    return seeds[:profile.max_seeds] if profile.max_seeds else seeds
 
 
 def _check_variant_names(variants: list[Variant], where: _Where, problems: list[str]) -> None:

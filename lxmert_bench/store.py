@@ -107,12 +107,22 @@ class RunDir:
 
     # state
     def is_done(self) -> bool:
-        return self.result_path.is_file()
+        """``result.json`` exists and is a result (a torn or foreign file is not)."""
+        return self.result_path.is_file() and self.result_problem() is None
+
+    def result_problem(self) -> str | None:
+        """Why an existing ``result.json`` is not a result, or None."""
+        try:
+            self.read_result()
+        except ValueError as e:
+            return str(e)
+        return None
 
     def is_failed(self) -> bool:
-        """Raised an error (a stage ended by a signal or a kill is interrupted, not failed)."""
-        if self.is_done():
-            return False
+        """Raised an error, or left a result.json that is not one (a stage ended by a signal or
+        a kill is interrupted, not failed)."""
+        if self.result_path.is_file():
+            return self.result_problem() is not None
         err = self.error_record()
         return err is not None and not err.get("interrupted")
 
@@ -216,13 +226,23 @@ class RunDir:
         return RunConfig.from_dict(read_json(self.config_path))
 
     def read_result(self) -> dict[str, Any] | None:
-        return read_json(self.result_path) if self.result_path.is_file() else None
+        """The result, None when there is none yet; ValueError naming the file for one that is
+        not a result (nothing else the tool reads is trusted to be what it says)."""
+        if not self.result_path.is_file():
+            return None
+        result = read_json(self.result_path)
+        if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) \
+                or result.get("stage_id") != self.stage_id:
+            raise ValueError(f"{self.result_path}: not a result of stage {self.stage_id} (expected "
+                             "a JSON object with its stage_id and metrics); move it away to run "
+                             "the stage again")
+        return result
 
     def read_error(self) -> dict[str, Any] | None:
         return read_json(self.error_path) if self.error_path.is_file() else None
 
     def write_result(self, result: dict[str, Any]) -> None:
-        if self.is_done():
+        if self.result_path.exists():
             raise RuntimeError(f"{self.result_path}: run already finished; a result is never overwritten")
         if self.error_path.exists():
             self.error_path.unlink()
@@ -230,6 +250,21 @@ class RunDir:
 
     def write_error(self, error: dict[str, Any]) -> None:
         atomic_write_json(self.error_path, error)
+
+    def archive(self) -> Path:
+        """Move this run directory to ``<workdir>/archive/<kind>/<hash>-<UTC time>/`` (never
+        deleted) so the stage is planned anew; refused while a process executes it."""
+        with self.execution_lock():  # raises StageBusy while it runs; held during the move
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            kind, digest = self.stage_id.split("/")
+            dest = self.workdir / "archive" / kind / f"{digest}-{stamp}"
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{digest}-{stamp}-{n}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.path, dest)
+        return dest
 
     def clear_error(self) -> None:
         if self.error_path.exists():

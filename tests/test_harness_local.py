@@ -126,12 +126,13 @@ def test_failure_orphans_then_retry_failed(tmp_path, capsys, monkeypatch):
         """))
     workdir = tmp_path / "wd"
     # generate the data, then break the pretraining corpus so pretraining fails with a clear error
+    # (valid JSON, so the plan's check lets it through, but not the corpus format)
     plan = make_plan(load_spec(spec, "test"), workdir)
     root = Path(next(iter(plan.stages.values())).config.data.root)
     assert main(["data", "synthetic", "--out", str(root), "--images", "120", "--seed", "0"]) == 0
     corpus = root / "lxmert" / "mscoco_train.json"
     good = corpus.read_bytes()
-    corpus.write_text("{ not json")
+    corpus.write_text('[{"sentf": {}}]')
     code = main(["run", str(spec), "--profile", "test", "--executor", "local", "--workdir",
                  str(workdir), "--quiet"])
     assert code == 1

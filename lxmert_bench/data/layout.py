@@ -13,6 +13,7 @@ a run's data identity cheaply, even for the 30 GB TSVs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -146,7 +147,23 @@ def check_data_root(root: str | Path, needs: list[tuple[str, str]]) -> list[str]
             problem = _first_line_problem(path)
             if problem:
                 problems.append(problem)
+        elif path.suffix == ".json":
+            problem = _json_problem(path, what)
+            if problem:
+                problems.append(problem)
     return problems
+
+
+def _json_problem(path: Path, what: str) -> str | None:
+    """Whether a JSON file parses, checked before any stage starts rather than hours into one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except json.JSONDecodeError as e:
+        return f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}; {what})"
+    except UnicodeDecodeError as e:
+        return f"{path}: not UTF-8 text at byte {e.start} ({what})"
+    return None
 
 
 _EDGE = 1 << 20  # bytes hashed at each end of a large file

@@ -655,6 +655,14 @@ def _append_image(writers: dict[str, _ArrayWriter], item: dict[str, Any], where:
             "boxes should be absolute (x1, y1, x2, y2) pixels"
         )
     feats = item["features"]
+    for name, values in (("features", feats), ("boxes", item["boxes"]),
+                         ("objects_conf", item["objects_conf"]), ("attrs_conf", item["attrs_conf"])):
+        finite = np.isfinite(np.asarray(values, dtype=np.float64))
+        if not finite.all():
+            bad = int(np.argwhere(~finite)[0][0]) if finite.ndim else 0
+            raise FeatureFormatError(f"{where}: image {img_id!r}: {name} hold NaN or Inf "
+                                     f"({int((~finite).sum())} values, first in box {bad}); "
+                                     "expected finite numbers")
     if feature_dtype == "float16":
         half = feats.astype(np.float16)
         if not np.isfinite(half).all() and np.isfinite(feats).all():

@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -852,7 +853,11 @@ def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bo
                 return False
             remove_dead_temporaries(root)
             tmp = root.parent / temp_name(root.name)
-            generate_synthetic(tmp, images, seed, progress=progress)
+            try:
+                generate_synthetic(tmp, images, seed, progress=progress)
+            except BaseException:  # e.g. a full disk: leave nothing half-written behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if root.exists():
                 root.rmdir()  # empty (checked above under the lock); fails rather than remove files
             os.rename(tmp, root)

@@ -221,9 +221,14 @@ def _pending_row(kind: str, variant: str, seed: int | None, task: str, state: st
 def _run_rows(kind: str, variant: str, seed: int | None, task: str, stage: str,
               pretrain_stage: str | None, run_dir: str, state: str | None) -> list[tuple]:
     path = os.path.join(run_dir, "result.json")
-    result = read_json_file(path)
-    if result is not None:  # result.json exists iff the run is done, whatever a scheduler says
-        return _result_rows(result, path, kind, variant, seed, task, stage, pretrain_stage, run_dir)
+    try:
+        result = read_json_file(path)
+        if result is not None:  # result.json exists iff the run is done, whatever a scheduler says
+            return _result_rows(result, path, kind, variant, seed, task, stage, pretrain_stage,
+                                run_dir)
+    except ValueError as e:  # a torn or foreign result.json: a failed cell, named, not a crash
+        return [_pending_row(kind, variant, seed, task, "failed", stage, pretrain_stage, run_dir,
+                             str(e)[:300])]
     if state is None:
         state = _disk_state(run_dir)
     elif state == "done":

@@ -35,6 +35,43 @@ def report_entries(spec: Spec, plan: Plan, statuses: dict[str, StageStatus]) -> 
     ]
 
 
+class ReportDirError(ValueError):
+    """A report folder that holds somebody else's files or another spec's report."""
+
+
+OWNER_FILE = ".lxmert-bench-report.json"  # which spec file a report folder belongs to
+_REPORT_FILES = ("report.md", "results.jsonl", OWNER_FILE)  # and *.png: what write_report makes
+
+
+def claim_report_dir(out_dir: Path, spec: Spec) -> None:
+    """Make ``out_dir`` this spec's report folder, or refuse: the tool writes only into a missing
+    or empty folder, one it marked as this spec file's, or an unmarked one holding only the files
+    a report consists of (reports written before the mark existed)."""
+    from lxmert_bench.io import atomic_write_json, read_json
+
+    me = str(Path(spec.path).resolve())
+    owner_path = out_dir / OWNER_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportDirError(f"{out_dir}: is a file, expected a report folder (pass --out DIR)")
+    if owner_path.is_file():
+        try:
+            owner = read_json(owner_path).get("spec")
+        except (ValueError, AttributeError):
+            owner = None
+        if owner != me:
+            raise ReportDirError(
+                f"{out_dir}: holds the report of {owner or 'an unknown spec'} ({OWNER_FILE}); "
+                f"{me} has the same name: {spec.name!r}. Rename one spec, or pass --out DIR")
+        return
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir()
+                         if p.name not in _REPORT_FILES and p.suffix != ".png")
+        if foreign:
+            raise ReportDirError(f"{out_dir}: holds files that are not a report of lxmert-bench "
+                                 f"({', '.join(foreign[:5])}); pass --out DIR for the report")
+    atomic_write_json(owner_path, {"spec": me, "name": spec.name})
+
+
 def report_for_spec(spec: Spec, plan: Plan, workdir: Path, out_dir: Path | None = None,
                     statuses: dict[str, Any] | None = None) -> Path:
     """Write ``results/<spec name>/`` (or ``out_dir``): report.md, results.jsonl, PNG plots."""
@@ -42,4 +79,5 @@ def report_for_spec(spec: Spec, plan: Plan, workdir: Path, out_dir: Path | None 
 
     statuses = statuses or stage_statuses(plan, workdir)
     out_dir = out_dir or Path("results") / spec.name
+    claim_report_dir(out_dir, spec)
     return write_report(report_spec(spec), report_entries(spec, plan, statuses), workdir, out_dir)
