@@ -380,11 +380,11 @@ def test_group_writable_workdir_needs_allow_group_write_and_is_remembered(tmp_pa
     assert main(["plan", str(spec), *base, "--allow-group-write"]) == 0
     assert main(["run", str(spec), *base, "--dry-run", "--allow-group-write"]) == 0
     # recorded as provenance with the options `status` / `report` reuse
-    from lxmert_bench.cli import _remember, build_parser
-    from lxmert_bench.spec import load_spec
+    from lxmert_bench.cli import _load, _remember, build_parser
 
     args = build_parser().parse_args(["run", str(spec), *base, "--allow-group-write"])
-    _remember(wd, args, [load_spec(spec, "test")])
+    specs, _plan, _wd = _load(args)
+    _remember(wd, args, specs)
     import json
 
     assert json.loads((wd / "specs" / "sec.json").read_text())["allow_group_write"] is True
