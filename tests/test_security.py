@@ -128,10 +128,11 @@ def test_checkpoint_files_get_the_umask_permissions(tmp_path):
         os.umask(0o077)  # a private user stays private: nothing is widened
         atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "c.pt")
         assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o600
-        (tmp_path / "sub").mkdir()  # (new directories: the umask too; nothing chmods them wider)
+        atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "new" / "d.pt")  # a new directory:
+        assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700  # the umask, never wider
     finally:
         os.umask(old)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_load_torch_file_allows_only_named_globals(tmp_path):
