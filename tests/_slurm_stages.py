@@ -26,6 +26,7 @@ from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig, RunConf
 from lxmert_bench.launch import StageJob
 from lxmert_bench.model import LxmertConfig
 from lxmert_bench.store import RunDir
+from lxmert_bench.train.loop import DIST_TIMEOUT_ENV
 
 TWO_NODE_CONF = os.environ.get(
     "LXMERT_SLURM_CONF_2N",
@@ -113,8 +114,18 @@ def submit_stage(conf: str | None, workdir: Path, cfg: RunConfig, nodes: int = 1
     executor.update_parameters(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=1,
                                mem_gb=1, timeout_min=timeout_min, slurm_partition="debug",
                                name="lxmert-test-pretrain")
-    with using_cluster(conf):  # sbatch exports SLURM_CONF to the job too
-        job = executor.submit(StageJob(str(workdir), cfg.stage_id, threads=1))
+    # sbatch exports the environment: SLURM_CONF, and a process-group timeout so that a rank
+    # whose peer is gone errors after a minute instead of waiting torch's 30
+    old = os.environ.get(DIST_TIMEOUT_ENV)
+    os.environ[DIST_TIMEOUT_ENV] = "60"
+    try:
+        with using_cluster(conf):
+            job = executor.submit(StageJob(str(workdir), cfg.stage_id, threads=1))
+    finally:
+        if old is None:
+            os.environ.pop(DIST_TIMEOUT_ENV, None)
+        else:
+            os.environ[DIST_TIMEOUT_ENV] = old
     return job, run
 
 
@@ -143,7 +154,7 @@ def result_with(conf: str | None, job: submitit.Job, timeout: float = 600) -> di
                 raise AssertionError(f"job {job.job_id} not done after {timeout} s:\n"
                                      f"{stderr_text(job)[-3000:]}")
             time.sleep(1)
-        return job.result()
+        return job.results()[0]  # rank 0's (a multi-task job has one per task)
 
 
 def logged_steps(run: RunDir) -> list[int]:

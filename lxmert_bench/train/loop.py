@@ -674,14 +674,17 @@ def train(
 
                 last_of_epoch = state.step_in_epoch == spe
                 finished = state.global_step >= total_steps
-                if finished or last_of_epoch:
-                    break
-                if _stop_agreed(info, state.global_step, settings.stop_check_every, device):
+                # before the epoch-end break, or checks on multiples of an epoch never happen; a
+                # resume at step_in_epoch == spe goes straight to the epoch's end (eval, save)
+                if not finished and _stop_agreed(info, state.global_step,
+                                                 settings.stop_check_every, device):
                     save_last()  # collective: every rank is here, at the same step
                     name = signal.Signals(_stop_signal).name if _stop_signal else "another rank"
                     progress.write(f"[{settings.desc}] stop requested ({name}): last.pt written "
                                    f"at step {state.global_step}")
                     raise StopRequested(state.global_step, _stop_signal)
+                if finished or last_of_epoch:
+                    break
                 if state.global_step % max(1, settings.checkpoint_every) == 0:
                     save_last()
                     tick = time.perf_counter()  # checkpoint time is not training time
