@@ -189,13 +189,15 @@ def steps_around_stop(text: str) -> tuple[int, int]:
     return int(stops[0].group(2)), int(after.group(1))
 
 
-def accounting_history(job_id: str, final: str = "COMPLETED") -> list[str]:
-    """The job's states over its runs (sacct -D), once slurmdbd has recorded the last one."""
+def accounting_history(job_id: str, final: str = "COMPLETED", timeout: float = 30) -> list[str]:
+    """The job's states over its runs (sacct -D), once slurmdbd has recorded the `final` one (or
+    after `timeout` seconds, or a FAILED/CANCELLED/TIMEOUT end)."""
     history: list[str] = []
-    for _ in range(30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
         out = run_slurm("sacct", "-n", "-P", "-D", "-X", "-o", "State", "-j", job_id).stdout
         history = [s.split()[0] for s in out.split()]
-        if history[-1:] == [final]:
+        if history[-1:] == [final] or history[-1:] in (["FAILED"], ["CANCELLED"], ["TIMEOUT"]):
             break
         time.sleep(1)
     return history

@@ -3,12 +3,19 @@ running pretraining stage (the signal Slurm sends before a time limit or on pree
 every rank write ``last.pt`` at the next step boundary, then submitit requeues the job and it
 resumes right after that step, ending with the same weights and log as an uninterrupted run.
 
-The two-node version is in tests/test_multinode.py.
+Without Slurm: two local gloo ranks (the variables torchrun sets) agree on a stop request that
+only one of them received, and a rank whose peer stops answering errors after the process-group
+timeout instead of hanging. The two-node versions are in tests/test_multinode.py.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,9 +34,10 @@ from _slurm_stages import (
     wait_for_step,
 )
 
+from lxmert_bench.store import RunDir
+from lxmert_bench.train.loop import DIST_TIMEOUT_ENV, dist_timeout_s, load_checkpoint
 from lxmert_bench.train.stages import ensure_data
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 400  # ~15 s of the test model on one core
 
 
@@ -47,6 +55,8 @@ def one_node():
         yield
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_usr2_writes_a_checkpoint_then_requeues_and_resumes_after_it(one_node, tmp_path, data_root):
     cfg = pretrain_config(data_root, STEPS)  # checkpoint_every 1000: only the stop writes mid-epoch
     ref_job, ref = submit_stage(None, tmp_path / "ref", cfg)  # uninterrupted, on the other CPU
@@ -67,3 +77,100 @@ def test_usr2_writes_a_checkpoint_then_requeues_and_resumes_after_it(one_node, t
     assert log_without_timing(cut) == log_without_timing(ref)
     assert_same_weights(cut, ref)
     assert cut.read_result()["steps"] == STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Two local gloo ranks (no Slurm)
+# ---------------------------------------------------------------------------------------------
+RANK_MAIN = """
+import signal, sys
+import torch
+from lxmert_bench.store import RunDir
+from lxmert_bench.train.loop import StopRequested, request_stop
+from lxmert_bench.train.stages import run_stage
+torch.set_num_threads(1)
+signal.signal(signal.SIGUSR2, request_stop)  # what StageJob does in a submitit Slurm job
+try:
+    run_stage(RunDir(sys.argv[1], sys.argv[2]))
+except StopRequested as stop:
+    print(f"StopRequested at {stop.step}", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ranks(run: RunDir, tmp_path: Path, timeout_s: float | None = None) -> list[subprocess.Popen]:
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0"}
+    if timeout_s is not None:
+        env[DIST_TIMEOUT_ENV] = str(timeout_s)
+    return [subprocess.Popen([sys.executable, "-c", RANK_MAIN, str(run.workdir), run.stage_id],
+                             env={**env, "RANK": str(r)}, stdout=subprocess.DEVNULL,
+                             stderr=open(tmp_path / f"rank{r}.err", "w"))
+            for r in range(2)]
+
+
+def test_ddp_ranks_agree_on_a_stop_request_only_one_received(tmp_path, data_root):
+    cfg = pretrain_config(data_root, STEPS)
+    run = RunDir(tmp_path / "wd", cfg.stage_id)
+    run.write_config(cfg)
+    ranks = _start_ranks(run, tmp_path)
+    try:
+        deadline = time.time() + 120
+        while not (logged_steps(run) and logged_steps(run)[-1] >= 25) and time.time() < deadline:
+            time.sleep(0.1)
+        signalled_at = logged_steps(run)[-1]
+        ranks[1].send_signal(signal.SIGUSR2)  # rank 1 only: rank 0 learns it at the agreement
+        codes = [p.wait(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    errs = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert codes == [3, 3], errs
+    stops = [int(e.rsplit("StopRequested at ", 1)[1].split()[0]) for e in errs]
+    # the same step on both ranks: the first multiple of stop_check_every (10) after the signal
+    assert stops[0] == stops[1] and stops[0] % 10 == 0, stops
+    assert signalled_at <= stops[0] <= signalled_at + 10, (signalled_at, stops)
+    assert f"stop requested (another rank): last.pt written at step {stops[0]}" in errs[0]
+    ckpt = load_checkpoint(run.checkpoint_dir / "last.pt")
+    assert ckpt["state"]["global_step"] == stops[0] and len(ckpt["rng"]) == 2
+    assert not run.result_path.exists() and not run.is_failed()  # neither done nor failed
+
+
+def test_a_peer_that_stops_answering_ends_in_an_error_not_a_hang(tmp_path, data_root):
+    cfg = pretrain_config(data_root, STEPS)
+    run = RunDir(tmp_path / "wd", cfg.stage_id)
+    run.write_config(cfg)
+    ranks = _start_ranks(run, tmp_path, timeout_s=5)
+    try:
+        deadline = time.time() + 120
+        while not (logged_steps(run) and logged_steps(run)[-1] >= 5) and time.time() < deadline:
+            time.sleep(0.1)
+        ranks[1].send_signal(signal.SIGSTOP)  # alive but silent, like a node cut off
+        stopped = time.time()
+        code = ranks[0].wait(timeout=90)  # without the timeout: torch's 30 minutes
+        waited = time.time() - stopped
+    finally:
+        for p in ranks:
+            p.kill()
+    err = (tmp_path / "rank0.err").read_text()
+    assert code != 0 and 4 < waited < 60, (code, waited, err[-2000:])
+    # gloo: "Application timeout caused pair closure" (or "Timed out waiting ...")
+    assert "timeout 5 s" in err and "time" in err.strip().splitlines()[-1].lower(), err[-2000:]
+    assert run.read_error()["type"] in ("RuntimeError", "DistBackendError")
+
+
+def test_dist_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
+    assert dist_timeout_s() == 1800.0
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "42.5")
+    assert dist_timeout_s() == 42.5
+    for bad in ("ten", "0", "-3"):
+        monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"LXMERT_BENCH_DIST_TIMEOUT_S={bad!r}"):
+            dist_timeout_s()
