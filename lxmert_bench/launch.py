@@ -643,7 +643,8 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                     ex = _executor(workdir, cluster)
                     ex.update_parameters(**submitit_parameters(res, cluster))
                     launcher = None if cluster == "debug" else (me["pid"], me["start_time"])
-                    job = ex.submit(StageJob(str(workdir), st.stage_id, threads, launcher))
+                    with _sigint_ignored(cluster == "local"):
+                        job = ex.submit(StageJob(str(workdir), st.stage_id, threads, launcher))
                     pending.remove(st)
                     running[st.stage_id] = job
                     report.submitted.append(st.stage_id)
@@ -670,17 +671,29 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
         bar.close()
 
 
+@contextlib.contextmanager
+def _sigint_ignored(active: bool) -> Iterator[None]:
+    """Start submitit's local controller with SIGINT ignored (inherited through exec), so Ctrl-C
+    in the terminal reaches the stage through its own handler (it records SIGINT and stays
+    resumable) rather than killing the controller mid-wait with a traceback."""
+    if not active:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _stop_local(workdir: Path, running: dict[str, submitit.Job], grace_s: float = 10.0) -> None:
-    """Interrupt the running local stages (SIGTERM: each records the signal and stays
-    resumable) and wait for them to let go of their locks."""
-    for sid, job in running.items():
-        holder = RunDir(workdir, sid).lock_holder() or {}
-        if holder.get("host") == HOST and holder.get("pid"):
+    """Interrupt the running local stages (SIGTERM, which submitit's controller forwards to its
+    tasks: each records the signal and stays resumable) and wait for their locks."""
+    for job in running.values():
+        pid = str(job.job_id)
+        if pid.isdigit():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(holder["pid"]), signal.SIGTERM)
-        else:
-            with contextlib.suppress(Exception):
-                job.cancel()
+                os.kill(int(pid), signal.SIGTERM)
     deadline = time.time() + grace_s
     while time.time() < deadline and any(RunDir(workdir, sid).lock_holder() for sid in running):
         time.sleep(0.2)

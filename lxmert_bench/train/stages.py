@@ -45,9 +45,16 @@ class StageInterrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, n
         super().__init__(f"ended by {self.signal}")
 
 
+# Signals received while this process ran a stage. An exception raised in a signal handler can
+# surface as another type when it crosses C++ (e.g. a RuntimeError out of torch.save), so the stage
+# is judged by this record, not by the exception's type.
+_received: list[str] = []
+
+
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGINT raise :class:`StageInterrupted` while a stage runs (main thread only)."""
+    _received.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -55,6 +62,7 @@ def signals_interrupt() -> Iterator[None]:
     def handler(signum: int, _frame: Any) -> None:
         for sig in previous:  # once: a second signal must not cut short the error record
             signal.signal(sig, signal.SIG_IGN)
+        _received.append(signal.Signals(signum).name)
         raise StageInterrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -118,11 +126,13 @@ def _execute(run_dir: RunDir) -> dict[str, Any]:
     except (StageInterrupted, KeyboardInterrupt) as e:
         if info.is_main:
             sig = e.signal if isinstance(e, StageInterrupted) else "SIGINT"
-            run_dir.write_error({"error": f"ended by {sig}", "type": "StageInterrupted",
-                                 "interrupted": True, "signal": sig, "time": _now(),
-                                 "stage_id": run_dir.stage_id})
+            _write_interrupted(run_dir, sig)
         raise
     except Exception as e:
+        if _received:  # a signal's exception converted on the way (see _received)
+            if info.is_main:
+                _write_interrupted(run_dir, _received[-1])
+            raise StageInterrupted(getattr(signal, _received[-1])) from e
         if info.is_main:
             error: dict[str, Any] = {
                 "error": str(e), "type": type(e).__name__, "traceback": traceback.format_exc(),
@@ -134,6 +144,11 @@ def _execute(run_dir: RunDir) -> dict[str, Any]:
         raise
     finally:
         teardown_distributed(info)
+
+
+def _write_interrupted(run_dir: RunDir, sig: str) -> None:
+    run_dir.write_error({"error": f"ended by {sig}", "type": "StageInterrupted", "interrupted": True,
+                         "signal": sig, "time": _now(), "stage_id": run_dir.stage_id})
 
 
 def build_result(config: RunConfig, part: dict[str, Any], wall_s: float) -> dict[str, Any]:
