@@ -308,6 +308,22 @@ def test_a_garbage_result_is_failed_not_done_and_report_survives(tmp_path, capsy
     assert run.result_path.read_text() == garbage  # never removed: the user decides
 
 
+def test_a_truncated_last_pt_names_the_file_and_the_way_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec, wd = _spec(tmp_path), tmp_path / "wd"
+    plan = make_plan(load_spec(spec, "test"), wd)
+    (sid,) = plan.stages
+    run = RunDir(wd, sid)
+    run.checkpoint_dir.mkdir(parents=True)
+    (run.checkpoint_dir / "last.pt").write_bytes(b"PK\x03\x04 torn")
+    assert main(["run", str(spec), "--profile", "test", "--workdir", str(wd), "--quiet",
+                 "--no-report"]) == 1
+    capsys.readouterr()
+    assert main(["status", str(spec), "--workdir", str(wd)]) == 1
+    out = capsys.readouterr().out
+    assert "last.pt: cannot read checkpoint" in out and "move it away" in out
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()

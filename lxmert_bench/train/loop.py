@@ -329,7 +329,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except RefusedFile:
         raise
     except Exception as e:  # torn or foreign file: say which
-        raise RuntimeError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        raise RuntimeError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); if it is a "
+                           "stage's last.pt (torn by a crash or a full disk), move it away and "
+                           "the stage restarts from the beginning") from e
     if not isinstance(ckpt, dict):
         raise RuntimeError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
     return ckpt
