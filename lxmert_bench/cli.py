@@ -157,6 +157,26 @@ def _check_workdir(args: argparse.Namespace, workdir: Path) -> None:
     _note(f"workdir {where}")
 
 
+def _adopt_legacy(workdir: Path) -> None:
+    """Once per workdir: finished runs planned under the old source-hash code versions keep their
+    results under the declared code version (store.adopt_legacy_runs)."""
+    from lxmert_bench.launch import workdir_lock
+    from lxmert_bench.plan import code_version
+    from lxmert_bench.store import adopt_legacy_runs
+
+    if not (workdir / "runs").is_dir():
+        return
+    try:
+        with workdir_lock(workdir):
+            adopted = adopt_legacy_runs(workdir, code_version())
+    except OSError as e:  # e.g. a colleague's workdir we may only read
+        _note(f"finished runs of an older version not adopted ({e.strerror}: {e.filename})")
+        return
+    if adopted:
+        _note(f"adopted {len(adopted)} finished run(s) planned before code versions were declared "
+              f"as code version {code_version()} (each has an adopted.json; old names forward)")
+
+
 def _load(args: argparse.Namespace) -> tuple[list, Any, Path]:
     """Specs + plan. Every command reuses the profile, --set and --slurm-profile a spec was last
     run with (unless given, or --fresh), and says so."""
@@ -165,6 +185,7 @@ def _load(args: argparse.Namespace) -> tuple[list, Any, Path]:
 
     workdir = _workdir(args)
     _check_workdir(args, workdir)
+    _adopt_legacy(workdir)
     specs = []
     args.effective = {}
     for path in args.specs:

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -33,7 +34,13 @@ import submitit
 import yaml
 
 from lxmert_bench.io import atomic_write_json, read_json
-from lxmert_bench.owner import HOST, pid_alive, process_start_time
+from lxmert_bench.owner import (
+    HOST,
+    pid_alive,
+    process_start_time,
+    remove_dead_temporaries,
+    temp_name,
+)
 from lxmert_bench.plan import Plan, Stage
 from lxmert_bench.store import (
     ACTIVE,
@@ -278,27 +285,105 @@ class StageStatus:
     executor: str | None = None
     reason: str = ""
     error_tail: str = ""
+    slurm_reason: str = ""  # Slurm's pending reason, as squeue gives it (e.g. DependencyNeverSatisfied)
+
+
+SLURM_QUERY_CHUNK = 500  # ids per squeue/sacct/scancel call: far below the kernel's argument limit
+
+
+def _chunks(items: list[str], size: int = SLURM_QUERY_CHUNK) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def array_base(job_id: str) -> str:
+    """``'37_4'`` -> ``'37'`` (the array job id); a plain job id is its own."""
+    return str(job_id).split("_", 1)[0]
+
+
+def expand_job_record(job_id: str) -> list[str]:
+    """The job ids one squeue/sacct record stands for: ``'37_[0-3,7%2]'`` -> 37_0..37_3, 37_7
+    (a pending array, e.g. cancelled before its elements started, has only this record);
+    ``'37_4'`` -> ``['37_4']``; ``'37'`` -> ``['37']``."""
+    job_id = job_id.strip()
+    if "_[" not in job_id or not job_id.endswith("]"):
+        return [job_id]
+    base, spec = job_id[:-1].split("_[", 1)
+    spec = spec.split("%", 1)[0]  # the throttle (%N) is not an element
+    out: list[str] = []
+    for part in filter(None, spec.split(",")):
+        lo, _, rest = part.partition("-")
+        if not rest:
+            out.append(f"{base}_{int(lo)}")
+            continue
+        hi, _, step = rest.partition(":")
+        out += [f"{base}_{i}" for i in range(int(lo), int(hi) + 1, int(step or 1))]
+    return out
+
+
+def compress_job_ids(job_ids: list[str]) -> list[str]:
+    """Element ids -> one expression per array (``37_[0-3,7]``) plus the plain ids, as scancel
+    takes them: cancelling 2,000 stages is a handful of ids, not 2,000 calls."""
+    elements: dict[str, list[int]] = {}
+    plain: list[str] = []
+    for j in dict.fromkeys(map(str, job_ids)):
+        base, sep, idx = j.partition("_")
+        if sep and idx.isdigit():
+            elements.setdefault(base, []).append(int(idx))
+        else:
+            plain.append(j)
+    out = list(plain)
+    for base, idxs in elements.items():
+        idxs.sort()
+        ranges: list[str] = []
+        lo = prev = idxs[0]
+        for i in [*idxs[1:], None]:
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            ranges.append(f"{lo}" if lo == prev else f"{lo}-{prev}")
+            if i is not None:
+                lo = prev = i
+        out.append(f"{base}_[{','.join(ranges)}]")
+    return out
+
+
+def scancel(job_ids: list[str]) -> int:
+    """Cancel these jobs / array elements with as few scancel calls as possible; returns how many."""
+    calls = 0
+    for chunk in _chunks(compress_job_ids(job_ids), 200):
+        subprocess.run(["scancel", *chunk], capture_output=True)
+        calls += 1
+    return calls
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """job id -> (Slurm state, reason) from one squeue call and one sacct call."""
+    """job id -> (Slurm state, pending reason), asked by array job id in chunks (one squeue and one
+    sacct call per ~500 arrays or plain jobs, so 10,000 stages never overflow an argument list).
+    sacct's records of pending arrays (``37_[0-1%2]``) are expanded to their elements."""
     out: dict[str, tuple[str, str]] = {}
     if not job_ids or not shutil.which("squeue"):
         return out
-    ids = ",".join(sorted(set(job_ids)))
-    sq = subprocess.run(["squeue", "-r", "-h", "-o", "%i|%T|%r", "-j", ids],
-                        capture_output=True, text=True)
-    for line in sq.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 3:
-            out[parts[0]] = (parts[1], parts[2])
-    if shutil.which("sacct"):
-        sa = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ids],
+    wanted = set(map(str, job_ids))
+    bases = sorted({array_base(j) for j in wanted})
+    for chunk in _chunks(bases):
+        sq = subprocess.run(["squeue", "-r", "-h", "-o", "%i|%T|%r", "-j", ",".join(chunk)],
                             capture_output=True, text=True)
-        for line in sa.stdout.splitlines():
+        for line in sq.stdout.splitlines():
             parts = line.strip().split("|")
-            if len(parts) == 2 and parts[0] not in out:
-                out[parts[0]] = (parts[1].split()[0], "")
+            if len(parts) == 3 and parts[0] in wanted:
+                out[parts[0]] = (parts[1], parts[2])
+    if shutil.which("sacct"):
+        for chunk in _chunks(bases):
+            sa = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(chunk)],
+                                capture_output=True, text=True)
+            for line in sa.stdout.splitlines():
+                parts = line.strip().split("|")
+                if len(parts) != 2 or not parts[1].strip():
+                    continue
+                for jid in expand_job_record(parts[0]):
+                    if jid in wanted and jid not in out:
+                        out[jid] = (parts[1].split()[0], "")
     return out
 
 
@@ -308,6 +393,27 @@ SLURM_QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_F
 SLURM_RUNNING = ("RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING")
 SLURM_INTERRUPTED = ("CANCELLED", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "TIMEOUT", "DEADLINE")
 SLURM_FAILED = ("FAILED", "OUT_OF_MEMORY", "COMPLETED")  # COMPLETED without result.json
+# Pending reasons Slurm never lifts by itself: the job waits forever unless someone acts.
+NEVER_STARTS = {
+    "DependencyNeverSatisfied": "its dependency ended without success (`run` cancels it and "
+                                "resubmits it against the finished dependency)",
+    "PartitionNodeLimit": "it asks more nodes than the partition has or allows",
+    "PartitionTimeLimit": "it asks more time than the partition allows",
+    "PartitionConfig": "the partition cannot satisfy its request",
+    "BadConstraints": "no node has the features/resources it asks for",
+    "InvalidAccount": "the account is not valid",
+    "InvalidQOS": "the QOS is not valid",
+    "AssocMaxNodesPerJobLimit": "it asks more nodes than the account's limit",
+    "AssocMaxWallDurationPerJobLimit": "it asks more time than the account's limit",
+    "QOSMaxNodePerJobLimit": "it asks more nodes than the QOS allows",
+    "QOSMaxWallDurationPerJobLimit": "it asks more time than the QOS allows",
+    "QOSMaxGRESPerJob": "it asks more GPUs than the QOS allows",
+}
+
+
+def never_starts(reason: str) -> str:
+    """Why a job pending for this Slurm reason will never start, or '' when it may."""
+    return NEVER_STARTS.get(reason.split(",")[0].strip(), "")
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -350,11 +456,23 @@ def stage_statuses(plan: Plan, workdir: str | Path, query_scheduler: bool = True
                  if r and r.get("executor") == "slurm" and r.get("job_id")]
     sstates = slurm_states(slurm_ids) if query_scheduler and slurm_ids else {}
     out: dict[str, StageStatus] = {}
+    current: str | None = None  # this checkout's sources hash, computed once when needed
     for sid in plan.stages:
         rec = records[sid]
         st = StageStatus(sid, TO_RUN, rec.get("job_id") if rec else None,
                          rec.get("executor") if rec else None)
         st.state, st.reason = _state(RunDir(workdir, sid), rec, sstates)
+        if st.state == QUEUED and st.executor == "slurm" and st.job_id:
+            st.slurm_reason = sstates.get(str(st.job_id), ("", ""))[1]
+        planned_with = ((rec or {}).get("code") or {}).get("source_hash")
+        if st.state in ACTIVE and planned_with:
+            if current is None:
+                from lxmert_bench.provenance import source_hash
+
+                current = source_hash()
+            if planned_with != current:
+                st.reason = (f"{st.reason}; " if st.reason else "") + (
+                    f"the code changed since it was submitted: it runs its snapshot {planned_with}")
         if st.state in (FAILED, INTERRUPTED, ORPHANED):
             st.error_tail = _error_tail(workdir, sid, rec)
         out[sid] = st
@@ -378,13 +496,16 @@ def _state(run: RunDir, rec: dict[str, Any] | None, sstates: dict[str, tuple[str
         job = str(rec["job_id"])
         state, reason = sstates.get(job, ("", ""))
         if state in SLURM_QUEUED:
-            return QUEUED, f"Slurm {state}" + (f" ({reason})" if reason else "")
+            never = never_starts(reason)
+            return QUEUED, f"Slurm {state}" + (f" ({reason})" if reason and reason != "None" else "") \
+                + (f"; will never start: {never}" if never else "")
         if state in SLURM_RUNNING:
             return RUNNING, f"Slurm job {job} {state}"
         if state in SLURM_INTERRUPTED:
             return INTERRUPTED, f"Slurm job {job} {state}"
         if state in SLURM_FAILED:
-            return FAILED, f"Slurm job {job} {state} without a result"
+            why = " (out of memory: ask for more with mem_gb)" if state == "OUT_OF_MEMORY" else ""
+            return FAILED, f"Slurm job {job} {state} without a result{why}"
         if rec.get("state") == INTERRUPTED:
             return INTERRUPTED, rec.get("reason", "")
         if not sstates and not shutil.which("squeue"):
@@ -480,6 +601,8 @@ def launch(
     say = on_event or (lambda msg: print(msg, file=sys.stderr))
     with workdir_lock(workdir):
         statuses = stage_statuses(plan, workdir)
+        if cluster == "slurm":  # stages pending forever become orphaned, so they are re-planned
+            cancel_orphans(plan, workdir, statuses)
         todo = select_stages(plan, statuses, retry_failed, report)
         if not todo:
             return report
@@ -506,6 +629,53 @@ def prepare_data(stages: list[Stage]) -> None:
         ensure_synthetic_root(data.root, data.synthetic_images, data.synthetic_seed)
 
 
+def snapshot_code(workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """A content-addressed copy of the package under ``<workdir>/code/<sources hash>/`` that
+    submitted jobs import from (it goes first on their PYTHONPATH), so a queued job runs the code
+    it was planned with whatever is edited meanwhile. Made once per distinct source tree."""
+    from lxmert_bench.provenance import PACKAGE, SNAPSHOT_RECORD, code_provenance, source_files
+
+    prov = {k: v for k, v in code_provenance().items() if k != "path"}
+    target = workdir / "code" / str(prov["source_hash"])
+    if not (target / "lxmert_bench" / SNAPSHOT_RECORD).is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(target)
+        tmp = target.parent / temp_name(target.name)
+        try:
+            for f in source_files():
+                dest = tmp / "lxmert_bench" / f.relative_to(PACKAGE)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest)
+            atomic_write_json(tmp / "lxmert_bench" / SNAPSHOT_RECORD, prov)
+            if target.exists():  # the same sources, made by another launcher meanwhile
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target, prov
+
+
+@contextlib.contextmanager
+def _importing_from(snapshot: Path) -> Iterator[None]:
+    """Processes started inside import lxmert_bench from ``snapshot`` (local jobs). PYTHONSAFEPATH
+    (Python 3.11+) keeps ``python -m`` from putting the current directory, perhaps a checkout
+    being edited, before it."""
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ["PYTHONPATH"] = str(snapshot) + (os.pathsep + old["PYTHONPATH"]
+                                                if old["PYTHONPATH"] else "")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _executor(workdir: Path, cluster: str, resources: dict[str, Any] | None = None
               ) -> submitit.AutoExecutor:
     kwargs: dict[str, Any] = {}
@@ -520,6 +690,7 @@ def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[s
                   say: Callable[[str], None]) -> None:
     job_of: dict[str, str] = {sid: s.job_id for sid, s in statuses.items()
                               if s.state in ACTIVE and s.job_id}
+    snapshot, code = snapshot_code(workdir)
     for level in sorted({st.level for st in todo}):
         groups: dict[tuple[str, str | None], list[Stage]] = {}
         for st in (s for s in todo if s.level == level):
@@ -530,6 +701,9 @@ def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[s
             params = submitit_parameters(res, "slurm")
             params["slurm_array_parallelism"] = resources.array_parallelism
             params["name"] = f"lxmert-{kind}"
+            params["slurm_setup"] = [*(params.get("slurm_setup") or []),
+                                     f"export PYTHONPATH={shlex.quote(str(snapshot))}"
+                                     "${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1"]
             if parent_job:
                 params["slurm_dependency"] = f"afterok:{parent_job}"
             threads = res.get("cpus_per_task")
@@ -550,7 +724,7 @@ def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[s
                     write_job(workdir, st.stage_id, {
                         "executor": "slurm", "job_id": job.job_id, "folder": str(job.paths.folder),
                         "submitted_at": _now(), "dependency": params.get("slurm_dependency"),
-                        "resources": res,
+                        "resources": res, "code": {**code, "snapshot": str(snapshot)},
                     })
                 say(f"submitted {len(chunk)} {kind} job(s) as array {jobs[0].job_id.split('_')[0]}"
                     + (f" (afterok:{parent_job})" if parent_job else ""))
@@ -594,6 +768,7 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
     """
     from tqdm import tqdm
 
+    snapshot, code = snapshot_code(workdir)
     cpus = os.cpu_count() or 1
     per_job = max(1, int(resources.for_kind("finetune", overrides).get("cpus_per_task") or 1))
     limit = 1 if cluster == "debug" else (
@@ -643,7 +818,7 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                     ex = _executor(workdir, cluster)
                     ex.update_parameters(**submitit_parameters(res, cluster))
                     launcher = None if cluster == "debug" else (me["pid"], me["start_time"])
-                    with _sigint_ignored(cluster == "local"):
+                    with _sigint_ignored(cluster == "local"), _importing_from(snapshot):
                         job = ex.submit(StageJob(str(workdir), st.stage_id, threads, launcher))
                     pending.remove(st)
                     running[st.stage_id] = job
@@ -651,7 +826,8 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                     report.job_ids[st.stage_id] = str(job.job_id)
                     write_job(workdir, st.stage_id, {
                         "executor": cluster, "job_id": str(job.job_id), "launcher": me,
-                        "folder": str(job.paths.folder), "submitted_at": _now()})
+                        "folder": str(job.paths.folder), "submitted_at": _now(),
+                        "code": {**code, "snapshot": str(snapshot)}})
                     bar.set_postfix_str(st.describe()[:40])
                     if cluster == "debug":
                         break
@@ -727,23 +903,35 @@ def _finish_local(workdir: Path, sid: str, job: submitit.Job, report: LaunchRepo
 # Following, orphans, cancelling
 # ---------------------------------------------------------------------------------------------
 def cancel_orphans(plan: Plan, workdir: str | Path, statuses: dict[str, StageStatus]) -> dict[str, str]:
-    """Cancel queued Slurm stages whose dependency ended without a result (Slurm would wait
-    forever); they are re-planned by the next ``run`` once the dependency is done."""
+    """Cancel queued Slurm stages that can never start (Slurm would keep them pending forever):
+    a dependency ended without a result, or Slurm says ``DependencyNeverSatisfied`` (also when the
+    dependency's stage is done after all: its job ended FAILED after writing result.json). The
+    next ``run`` re-plans them, against the finished dependency or its new job."""
     workdir = Path(workdir)
     orphans: dict[str, str] = {}
+    jobs: list[str] = []
     for sid, st in statuses.items():
         if st.state != QUEUED or st.executor != "slurm":
             continue
-        bad = [d for d in plan.stages[sid].deps
-               if statuses[d].state in (FAILED, INTERRUPTED, ORPHANED)]
+        deps = plan.stages[sid].deps
+        bad = [d for d in deps if statuses[d].state in (FAILED, INTERRUPTED, ORPHANED)]
         if bad:
-            if st.job_id:
-                subprocess.run(["scancel", str(st.job_id)], capture_output=True)
-            rec = read_job(workdir, sid) or {}
             why = f"dependency {bad[0]} {statuses[bad[0]].state}"
-            write_job(workdir, sid, {**rec, "state": ORPHANED, "reason": why, "time": _now()})
-            st.state, st.reason = ORPHANED, why
-            orphans[sid] = why
+        elif st.slurm_reason.startswith("DependencyNeverSatisfied"):
+            dep = (deps or ["?"])[0]
+            why = (f"Slurm DependencyNeverSatisfied (dependency {dep} "
+                   f"{statuses[dep].state if dep in statuses else 'unknown'}); cancelled, "
+                   "`run` resubmits it")
+        else:
+            continue
+        if st.job_id:
+            jobs.append(str(st.job_id))
+        rec = read_job(workdir, sid) or {}
+        write_job(workdir, sid, {**rec, "state": ORPHANED, "reason": why, "time": _now()})
+        st.state, st.reason = ORPHANED, why
+        orphans[sid] = why
+    if jobs:
+        scancel(jobs)
     return orphans
 
 
@@ -790,12 +978,13 @@ def cancel(plan: Plan, workdir: str | Path, grace_s: float = 15.0) -> list[str]:
     cancelled: list[str] = []
     launchers: dict[int, dict[str, Any]] = {}
     holders: list[int] = []
+    slurm_jobs: list[str] = []
     for sid, st in statuses.items():
         if st.state not in ACTIVE:
             continue
         rec = read_job(workdir, sid) or {}
         if st.executor == "slurm" and st.job_id:
-            subprocess.run(["scancel", str(st.job_id)], capture_output=True)
+            slurm_jobs.append(str(st.job_id))
         else:
             if launcher_alive(rec):
                 launchers[int(rec["launcher"]["pid"])] = rec["launcher"]
@@ -805,6 +994,8 @@ def cancel(plan: Plan, workdir: str | Path, grace_s: float = 15.0) -> list[str]:
         write_job(workdir, sid, {**rec, "state": INTERRUPTED, "reason": "cancelled by the user",
                                  "time": _now()})
         cancelled.append(sid)
+    if slurm_jobs:
+        scancel(slurm_jobs)  # one call per 200 arrays / plain jobs, not one per stage
     for pid in [*launchers, *holders]:  # launchers first: they must not start the next stage
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

@@ -7,13 +7,11 @@ also across specs: the paper setup's pretraining that all three tables use is tr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lxmert_bench import __version__
 from lxmert_bench.config import (
     TASK_DEFAULTS,
     BertConfig,
@@ -101,24 +99,13 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------
 def code_version() -> str:
-    """Package version + a hash of the sources that decide a result (model, data, training, metrics).
+    """The declared version of result-affecting code (``provenance.CODE_VERSION``): part of every
+    stage's identity, so editing a comment never re-plans finished work, while a change that alters
+    results (and bumps it) never mixes with old ones. ``LXMERT_BENCH_CODE_VERSION`` pins another
+    value. The exact code is recorded as provenance in each result."""
+    from lxmert_bench.provenance import CODE_VERSION
 
-    Any change there gives new stage hashes, so results are never mixed across code versions.
-    ``LXMERT_BENCH_CODE_VERSION`` pins it (e.g. while editing comments during a long sweep).
-    """
-    pinned = os.environ.get("LXMERT_BENCH_CODE_VERSION")
-    if pinned:
-        return pinned
-    root = Path(__file__).parent
-    h = hashlib.sha256()
-    files = [root / "config.py", root / "metrics.py"]
-    for sub in ("model", "data", "train"):
-        files += sorted((root / sub).rglob("*.py"))
-    for f in files:
-        if f.is_file():
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return f"{__version__}+{h.hexdigest()[:8]}"
+    return os.environ.get("LXMERT_BENCH_CODE_VERSION") or CODE_VERSION
 
 
 def _split(settings: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,3 +270,74 @@ class RunDir:
     def clear_error(self) -> None:
         if self.error_path.exists():
             self.error_path.unlink()
+
+
+# Finished runs planned before the code version was declared carry a hash of the sources
+# ("0.1.0+1a2b3c4d"): any edit gave every stage a new hash. They are adopted once under the declared
+# version (renamed to their new hash, config and result updated, ``adopted.json`` saying from what),
+# so no finished work becomes "to run" because of the new scheme.
+LEGACY_CODE_VERSION = re.compile(r"\d+\.\d+\.\d+\+[0-9a-f]{8}")
+KIND_ORDER = ("bert", "pretrain", "finetune")  # parents before the stages started from them
+
+
+def adopt_legacy_runs(workdir: str | os.PathLike, version: str) -> dict[str, str]:
+    """Adopt finished legacy runs of ``workdir`` under ``version``; returns {old id: new id}.
+    Unfinished ones stay where they are (a queued job may still run them); nothing is deleted."""
+    runs = Path(workdir) / "runs"
+    adopted: dict[str, str] = {}
+    for kind in KIND_ORDER:
+        if not (runs / kind).is_dir():
+            continue
+        for path in sorted((runs / kind).iterdir()):
+            if path.is_symlink():  # the forwarding name of a run adopted before
+                continue
+            old = RunDir(workdir, f"{kind}/{path.name}")
+            new_id = _adopt(old, version, adopted)
+            if new_id:
+                adopted[old.stage_id] = new_id
+    return adopted
+
+
+def _adopt(old: RunDir, version: str, adopted: dict[str, str]) -> str | None:
+    try:
+        raw = read_json(old.config_path) if old.config_path.is_file() else None
+        result = read_json(old.result_path) if old.result_path.is_file() else None
+    except ValueError:
+        return None
+    if not (isinstance(raw, dict) and isinstance(result, dict)) or old.lock_holder() is not None:
+        return None
+    legacy = str(raw.get("code_version", ""))
+    if not LEGACY_CODE_VERSION.fullmatch(legacy) or result.get("stage_id") != old.stage_id:
+        return None
+    parent = raw.get("init_from")
+    if parent:
+        parent_path = old.dependency(parent).path
+        if parent in adopted:
+            raw = {**raw, "init_from": adopted[parent]}
+        elif parent_path.is_symlink():  # adopted by an earlier call
+            raw = {**raw, "init_from": f"{parent.split('/')[0]}/{parent_path.resolve().name}"}
+        elif LEGACY_CODE_VERSION.fullmatch(
+                str((_read_config(old.dependency(parent)) or {}).get("code_version", ""))):
+            return None  # its parent was not adopted (unfinished): it stays with it
+    config = RunConfig.from_dict({**raw, "code_version": version})
+    new = RunDir(old.workdir, config.stage_id)
+    if new.path.exists():
+        return None
+    os.rename(old.path, new.path)
+    os.symlink(new.path.name, old.path)  # queued legacy jobs started from it still find it
+    atomic_write_json(new.config_path, config.to_dict())
+    atomic_write_json(new.result_path, {**result, "stage_id": new.stage_id,
+                                        "config_hash": config.content_hash(), "code_version": version,
+                                        "adopted_from": old.stage_id})
+    atomic_write_json(new.path / "adopted.json", {
+        "from": old.stage_id, "legacy_code_version": legacy, "code_version": version,
+        "init_from": raw.get("init_from"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return new.stage_id
+
+
+def _read_config(run: RunDir) -> dict[str, Any] | None:
+    try:
+        return read_json(run.config_path) if run.config_path.is_file() else None
+    except ValueError:
+        return None

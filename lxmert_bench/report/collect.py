@@ -170,6 +170,20 @@ def _error_message(run_dir: str) -> str | None:
     return msg[:200] or None
 
 
+def _code_text(result: dict[str, Any]) -> Any:
+    """The declared code version with the exact code it ran (git commit, sources hash)."""
+    version, code = result.get("code_version"), result.get("code")
+    if not isinstance(code, dict):
+        return version
+    exact = []
+    if code.get("git_commit"):
+        exact.append(f"git {str(code['git_commit'])[:10]}" + ("+dirty" if code.get("git_dirty")
+                                                               else ""))
+    if code.get("source_hash"):
+        exact.append(f"sources {code['source_hash']}")
+    return f"{version} ({', '.join(exact)})" if exact else version
+
+
 def _result_rows(result: Any, path: str, kind: str, variant: str, seed: int | None, task: str,
                  stage: str, pretrain_stage: str | None, run_dir: str) -> list[tuple]:
     """Rows of one finished run; a ValueError naming the file and key when the schema is broken."""
@@ -197,7 +211,7 @@ def _result_rows(result: Any, path: str, kind: str, variant: str, seed: int | No
         os.path.join(run_dir, scores) if scores else None,
         result.get("best_epoch"), result.get("device"), result.get("num_gpus"),
         result.get("gpu_hours"), result.get("precision"), timings.get("total_s"),
-        result.get("data_fingerprint"), result.get("code_version"),
+        result.get("data_fingerprint"), _code_text(result),
         versions.get("lxmert_bench"), versions.get("torch"), versions.get("python"),
         result.get("finished_at"), None,
     )

@@ -26,6 +26,7 @@ import torch
 
 from lxmert_bench import __version__
 from lxmert_bench.config import DataConfig, RunConfig
+from lxmert_bench.provenance import code_provenance
 from lxmert_bench.store import RunDir, StageBusy
 from lxmert_bench.train.loop import (
     DistInfo,
@@ -176,6 +177,7 @@ def build_result(config: RunConfig, part: dict[str, Any], wall_s: float) -> dict
         "versions": {"lxmert_bench": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "data_fingerprint": config.data.fingerprint, "code_version": config.code_version,
+        "code": code_provenance(),
         "finished_at": _now(),
     })
     return result
