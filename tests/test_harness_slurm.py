@@ -142,3 +142,155 @@ def test_cancel_pretraining_orphans_finetunes_then_a_plain_rerun(tmp_path, capsy
     # a plain re-run resubmits the pretraining (resuming it) and its fine-tunings, to the end
     assert main(["run", str(spec), *base, "--wait"]) == 0
     assert all(RunDir(workdir, s).is_done() for s in plan.stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# States that tell the truth (issue 11)
+# ---------------------------------------------------------------------------------------------
+def _two_task_spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "two.yaml"
+    spec.write_text("name: two\nvariants: {Only: {}}\ntasks: [vqa, nlvr2]\nseeds: [0]\n")
+    return spec
+
+
+def _poll(predicate, timeout: float = 90, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(every)
+    return predicate()
+
+
+def _squeue_reason(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%r", "-j", job_id], capture_output=True,
+                         text=True).stdout.strip()
+    return out.splitlines()[0] if out else ""
+
+
+def test_pending_array_cancelled_from_outside_is_interrupted(tmp_path, capsys):
+    """`scancel <array id>` while the fine-tuning array waits on its pretraining: sacct keeps only
+    the record `N_[0-1%k]`; its elements are interrupted (resumable), never 'queued' forever."""
+    spec = _two_task_spec(tmp_path)
+    workdir = tmp_path / "wd"
+    sets = [f"pretrain.optim.max_steps={CANCEL_STEPS}", "pretrain.optim.epochs=400"]
+    base = ["--profile", "test", "--executor", "slurm", "--workdir", str(workdir), "--quiet",
+            "--no-report"] + [a for s in sets for a in ("--set", s)]
+    assert main(["run", str(spec), *base]) == 0
+    plan = make_plan(load_spec(spec, "test", sets), workdir)
+    pre = next(s for s in plan.stages if s.startswith("pretrain/"))
+    fins = [s for s in plan.stages if s.startswith("finetune/")]
+    fin_jobs = {json.loads((RunDir(workdir, f).path / "job.json").read_text())["job_id"] for f in fins}
+    array = {j.split("_")[0] for j in fin_jobs}
+    assert len(array) == 1 and len(fin_jobs) == 2  # one array of two elements
+    pre_job = json.loads((RunDir(workdir, pre).path / "job.json").read_text())["job_id"]
+    try:
+        subprocess.run(["scancel", array.pop()], check=True)  # the array id, not its elements
+        # (until slurmdbd has the record they read "not found": interrupted too, but say less)
+        statuses = _poll(lambda: (s := stage_statuses(plan, workdir)) and all(
+            s[f].state == "interrupted" and "CANCELLED" in s[f].reason for f in fins) and s,
+            timeout=60)
+        assert statuses, {f: stage_statuses(plan, workdir)[f] for f in fins}
+        capsys.readouterr()
+        main(["status", str(spec), "--workdir", str(workdir)])
+        out = capsys.readouterr().out
+        assert out.count("CANCELLED") >= 2 and "queued" not in out, out
+    finally:
+        subprocess.run(["scancel", pre_job])
+
+
+def test_dependency_never_satisfied_is_resubmitted_against_the_finished_stage(tmp_path, capsys):
+    """The requeue race of issue 11: the pretraining's job ends FAILED although the stage wrote
+    result.json, so its fine-tunings pend with DependencyNeverSatisfied. Reproduced with a real
+    job that exits 1 standing in for the pretraining's job while the stage's files are its own
+    (from a finished run). status flags them; a plain `run` cancels and resubmits them without
+    the dead dependency, and they finish."""
+    spec = _two_task_spec(tmp_path)
+    workdir = tmp_path / "wd"
+    common = ["--profile", "test", "--workdir", str(workdir), "--quiet", "--no-report"]
+    assert main(["run", str(spec), *common, "--executor", "local"]) == 0  # every stage done
+    plan = make_plan(load_spec(spec, "test", []), workdir)
+    pre = next(s for s in plan.stages if s.startswith("pretrain/"))
+    fins = [s for s in plan.stages if s.startswith("finetune/")]
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for f in fins:  # the fine-tunings have not run yet
+        shutil.move(str(RunDir(workdir, f).path), str(aside / f.replace("/", "_")))
+    result = RunDir(workdir, pre).result_path
+    shutil.move(str(result), str(aside / "result.json"))  # ... nor has the pretraining finished
+    dead = subprocess.run(["sbatch", "--parsable", "-t", "5", "-o", "/dev/null",
+                           "--wrap", "sleep 6; exit 1"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (RunDir(workdir, pre).path / "job.json").write_text(json.dumps(
+        {"executor": "slurm", "job_id": dead, "folder": str(tmp_path)}))
+    assert main(["run", str(spec), *common, "--executor", "slurm"]) == 0
+    first = {f: json.loads((RunDir(workdir, f).path / "job.json").read_text()) for f in fins}
+    assert all(r["dependency"] == f"afterok:{dead}" for r in first.values()), first
+    shutil.move(str(aside / "result.json"), str(result))  # the stage wrote its result, then died
+    try:
+        reason = _poll(lambda: _squeue_reason(next(iter(first.values()))["job_id"])
+                       == "DependencyNeverSatisfied", timeout=90)
+        assert reason, _squeue_reason(next(iter(first.values()))["job_id"])
+        statuses = stage_statuses(plan, workdir)
+        assert statuses[pre].state == "done"
+        for f in fins:
+            assert statuses[f].state == "queued"
+            assert "Slurm PENDING (DependencyNeverSatisfied)" in statuses[f].reason
+            assert "will never start" in statuses[f].reason
+        capsys.readouterr()
+        assert main(["run", str(spec), *common, "--executor", "slurm"]) == 0
+        out = capsys.readouterr().out
+        assert "2 stage(s) submitted" in out, out
+        again = {f: json.loads((RunDir(workdir, f).path / "job.json").read_text()) for f in fins}
+        for f in fins:
+            assert again[f]["job_id"] != first[f]["job_id"] and not again[f]["dependency"]
+        assert subprocess.run(["squeue", "-h", "-j", first[fins[0]]["job_id"].split("_")[0]],
+                              capture_output=True, text=True).stdout.strip() == ""  # cancelled
+        from lxmert_bench.launch import wait
+
+        final = wait(plan, workdir, poll_s=1, progress=False, timeout_s=240)
+        assert all(final[s].state == "done" for s in plan.stages), final
+    finally:
+        for r in first.values():
+            subprocess.run(["scancel", r["job_id"].split("_")[0]])
+
+
+def _counting(tmp_path: Path, *commands: str) -> Path:
+    """A PATH folder whose `sbatch`/`scancel` log each call, then exec the real one (a counter,
+    not a stand-in: Slurm does the work)."""
+    folder = tmp_path / "counting-bin"
+    folder.mkdir()
+    for cmd in commands:
+        real = shutil.which(cmd)
+        script = folder / cmd
+        script.write_text(f'#!/bin/sh\necho "$*" >> {folder}/{cmd}.calls\nexec {real} "$@"\n')
+        script.chmod(0o755)
+    return folder
+
+
+def test_cancel_is_one_scancel_per_batch_of_arrays(tmp_path, monkeypatch, capsys):
+    """vision_tasks (test profile: 4 pretrainings, 12 fine-tunings) is 5 sbatch calls (one
+    array per level and parent) and its cancel one scancel call, not one per stage."""
+    bin_dir = _counting(tmp_path, "sbatch", "scancel")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    workdir = tmp_path / "wd"
+    spec = REPO / "ablations" / "vision_tasks.yaml"
+    sets = [f"pretrain.optim.max_steps={CANCEL_STEPS}", "pretrain.optim.epochs=400"]
+    common = ["--profile", "test", "--workdir", str(workdir)] + [a for s in sets for a in ("--set", s)]
+    assert main(["run", str(spec), *common, "--executor", "slurm", "--quiet", "--no-report"]) == 0
+    sbatch_calls = (bin_dir / "sbatch.calls").read_text().splitlines()
+    assert len(sbatch_calls) == 5, sbatch_calls
+    capsys.readouterr()
+    assert main(["cancel", str(spec), *common]) == 0
+    assert "cancelled 16 stage(s)" in capsys.readouterr().out
+    scancel_calls = (bin_dir / "scancel.calls").read_text().splitlines()
+    assert len(scancel_calls) == 1, scancel_calls
+    plan = make_plan(load_spec(spec, "test", sets), workdir)
+    jobs = {json.loads((RunDir(workdir, s).path / "job.json").read_text())["job_id"].split("_")[0]
+            for s in plan.stages}
+    assert _poll(lambda: subprocess.run(["squeue", "-h", "-j", ",".join(sorted(jobs))],
+                                        capture_output=True, text=True).stdout.strip() == "",
+                 timeout=30)
+    statuses = stage_statuses(plan, workdir)
+    assert all(s.state == "interrupted" for s in statuses.values()), statuses
