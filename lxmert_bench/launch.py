@@ -42,6 +42,7 @@ from lxmert_bench.owner import (
     temp_name,
 )
 from lxmert_bench.plan import Plan, Stage
+from lxmert_bench.progress import StageProgress, stage_label
 from lxmert_bench.store import (
     ACTIVE,
     DONE,
@@ -59,7 +60,11 @@ SLURM_RESOURCE_KEYS = {
     "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node",
     "partition", "account", "qos", "constraint", "signal_delay_s", "max_num_timeout",
     "additional_parameters", "setup",
+    # first-class sbatch options (as Hydra's submitit launcher has them)
+    "gres", "mem_per_gpu", "exclude", "requeue", "mail_type", "mail_user",
 }
+MAIL_TYPES = {"NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",
+              "TIME_LIMIT", "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS"}
 SLURM_TOP_KEYS = {"name", "description", "array_parallelism", "max_array_size", "bert", "pretrain",
                   "finetune", "local_parallelism"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +72,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class LaunchError(RuntimeError):
     """A launch cannot proceed (bad resource profile, Slurm refused a job, ...)."""
+
+
+class ResourceError(LaunchError):
+    """A resource request that is invalid, or that the cluster can never satisfy: bad input,
+    found before anything is submitted (the CLI exits 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,15 +174,27 @@ class ResourceProfile:
         return res
 
 
+def user_profile_dir() -> Path:
+    """Per-user resource profiles: ``$XDG_CONFIG_HOME/lxmert-bench/slurm`` (~/.config by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "lxmert-bench" / "slurm"
+
+
+def profile_search_path() -> list[Path]:
+    """Where ``--slurm-profile NAME`` is looked for, in order: the project's, the user's, shipped."""
+    return [Path.cwd() / "slurm" / "profiles", user_profile_dir(), REPO_ROOT / "slurm" / "profiles"]
+
+
 def _profile_path(name: str) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    for folder in (Path.cwd() / "slurm" / "profiles", REPO_ROOT / "slurm" / "profiles"):
+    folders = profile_search_path()
+    for folder in folders:
         if (folder / f"{name}.yaml").is_file():
             return folder / f"{name}.yaml"
-    raise LaunchError(f"slurm profile {name!r}: not found in ./slurm/profiles/ or "
-                      f"{REPO_ROOT / 'slurm' / 'profiles'} (or give a path to a .yaml)")
+    raise ResourceError(f"slurm profile {name!r}: not found in {', '.join(map(str, folders))} "
+                        "(or give a path to a .yaml)")
 
 
 def load_resource_profile(name: str) -> ResourceProfile:
@@ -180,7 +202,7 @@ def load_resource_profile(name: str) -> ResourceProfile:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise LaunchError(f"{path}: invalid YAML: {e}") from None
+        raise ResourceError(f"{path}: invalid YAML: {e}") from None
     problems = [f"{path}: {k}: unknown key (known: {sorted(SLURM_TOP_KEYS)})"
                 for k in data if k not in SLURM_TOP_KEYS]
     kinds: dict[str, dict[str, Any]] = {}
@@ -191,9 +213,10 @@ def load_resource_profile(name: str) -> ResourceProfile:
             continue
         problems += [f"{path}: {kind}.{k}: unknown resource (known: {sorted(SLURM_RESOURCE_KEYS)})"
                      for k in res if k not in SLURM_RESOURCE_KEYS]
+        problems += [f"{path}: {kind}.{p}" for p in resource_problems(res)]
         kinds[kind] = res
     if problems:
-        raise LaunchError("\n".join(problems))
+        raise ResourceError("\n".join(problems))
     return ResourceProfile(
         name=str(data.get("name", path.stem)), kinds=kinds,
         array_parallelism=int(data.get("array_parallelism", 256)),
@@ -202,24 +225,193 @@ def load_resource_profile(name: str) -> ResourceProfile:
     )
 
 
+def parse_gpus(value: Any) -> tuple[str | None, int]:
+    """``gpus_per_node``: ``4`` or ``"4"`` -> (None, 4); a typed count ``"a100:4"`` -> ("a100", 4).
+    ValueError with what was expected otherwise."""
+    if value is None or value is False:
+        return None, 0
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(f"expected a GPU count or TYPE:COUNT (e.g. 4 or a100:4), got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"expected a GPU count >= 0, got {value}")
+        return None, value
+    text = str(value).strip()
+    kind, sep, count = text.rpartition(":")
+    if not count.isdigit() or (sep and not kind) or ":" in kind:
+        raise ValueError(f"expected a GPU count or TYPE:COUNT (e.g. 4 or a100:4), got {value!r}")
+    return (kind or None), int(count)
+
+
+def gpu_count(resources: dict[str, Any]) -> int:
+    """GPUs per node a resource request asks for, from ``gpus_per_node`` or a ``gpu`` gres."""
+    _, n = parse_gpus(resources.get("gpus_per_node"))
+    for item in str(resources.get("gres") or "").split(","):
+        parts = item.strip().split(":")
+        if parts[0] == "gpu":
+            n = max(n, int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1)
+    return n
+
+
+def _positive_int(value: Any, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def resource_problems(res: dict[str, Any]) -> list[str]:
+    """What is wrong with one stage kind's resources (each "key: why"), without asking Slurm."""
+    out: list[str] = []
+    try:
+        gpu_type, _ = parse_gpus(res.get("gpus_per_node"))
+    except ValueError as e:
+        out.append(f"gpus_per_node: {e}")
+        gpu_type = None
+    for key, minimum in (("nodes", 1), ("tasks_per_node", 1), ("cpus_per_task", 1),
+                         ("timeout_min", 1), ("signal_delay_s", 0), ("max_num_timeout", 0)):
+        if res.get(key) is not None and not _positive_int(res[key], minimum):
+            out.append(f"{key}: expected an integer >= {minimum}, got {res[key]!r}")
+    gres = res.get("gres")
+    if gres is not None:
+        items = str(gres).split(",") if isinstance(gres, str) else [None]
+        if not all(i and i.strip() and all(p.strip() for p in i.split(":")) for i in items):
+            out.append(f"gres: expected NAME[:TYPE][:COUNT][,...] (e.g. gpu:a100:4), got {gres!r}")
+        elif res.get("gpus_per_node") and any(i.strip().startswith("gpu") for i in items):
+            out.append("gres: asks for GPUs and so does gpus_per_node; give one of the two")
+    if gpu_type and gres:
+        out.append("gpus_per_node: a typed count becomes the gres; drop gres or give a plain count")
+    mpg = res.get("mem_per_gpu")
+    if mpg is not None:
+        if not (_positive_int(mpg) or (isinstance(mpg, str) and mpg[:-1].isdigit()
+                                       and mpg[-1].upper() in "KMGT")):
+            out.append(f"mem_per_gpu: expected GB as an integer or a size like 16G, got {mpg!r}")
+        if res.get("mem_gb"):
+            out.append("mem_per_gpu: Slurm refuses it together with mem_gb; give one of the two")
+    exclude = res.get("exclude")
+    if exclude is not None and not (
+            (isinstance(exclude, str) and exclude.strip())
+            or (isinstance(exclude, list) and exclude and all(isinstance(x, str) and x for x in exclude))):
+        out.append(f"exclude: expected a node list (a string like n[1-3] or a list), got {exclude!r}")
+    if res.get("requeue") is not None and not isinstance(res["requeue"], bool):
+        out.append(f"requeue: expected true or false, got {res['requeue']!r}")
+    mail_type = res.get("mail_type")
+    if mail_type is not None:
+        names = [m.strip().upper() for m in str(mail_type).split(",")]
+        bad = [m for m in names if m not in MAIL_TYPES]
+        if bad or not isinstance(mail_type, str):
+            out.append(f"mail_type: {', '.join(bad) or repr(mail_type)}: not a Slurm mail type "
+                       f"(known: {', '.join(sorted(MAIL_TYPES))})")
+    mail_user = res.get("mail_user")
+    if mail_user is not None and not (isinstance(mail_user, str) and mail_user.strip()
+                                      and not any(c.isspace() for c in mail_user)):
+        out.append(f"mail_user: expected an address or user name, got {mail_user!r}")
+    if mail_user and not mail_type:
+        out.append("mail_user: without mail_type Slurm sends nothing; set mail_type (e.g. FAIL)")
+    return out
+
+
 def submitit_parameters(resources: dict[str, Any], cluster: str) -> dict[str, Any]:
-    """Our resource keys -> AutoExecutor.update_parameters keywords."""
+    """Our resource keys -> AutoExecutor.update_parameters keywords (``resource_problems`` has
+    checked them)."""
     generic = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node"}
     params: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(resources.get("additional_parameters") or {})
     for k, v in resources.items():
-        if v is None:
-            continue
-        if k == "max_num_timeout":
-            continue  # see _executor
-        if k in generic:
+        if v is None or k in ("max_num_timeout", "additional_parameters"):
+            continue  # max_num_timeout: see _executor
+        if k == "gpus_per_node":
+            gpu_type, n = parse_gpus(v)
+            if gpu_type and cluster == "slurm":
+                params["slurm_gres"] = f"gpu:{gpu_type}:{n}"  # typed: as a gres, not a count
+            else:
+                params["gpus_per_node"] = n
+        elif k in generic:
             params[k] = v
-        elif cluster == "slurm":
+        elif cluster != "slurm":
+            continue
+        elif k == "requeue":
+            extra["requeue" if v else "no_requeue"] = True  # submitit has no parameter for it
+        elif k == "mem_per_gpu":
+            params["slurm_mem_per_gpu"] = f"{v}G" if isinstance(v, int) else str(v)
+        elif k == "exclude":
+            params["slurm_exclude"] = ",".join(v) if isinstance(v, list) else str(v)
+        elif k == "mail_type":
+            params["slurm_mail_type"] = ",".join(m.strip().upper() for m in str(v).split(","))
+        else:
             params[f"slurm_{k}"] = v
+    if extra and cluster == "slurm":
+        params["slurm_additional_parameters"] = extra
     if cluster != "slurm":
         params.pop("nodes", None)
         params.pop("tasks_per_node", None)
         params["gpus_per_node"] = 0 if not _cuda_count() else params.get("gpus_per_node", 0)
     return params
+
+
+def ranks(resources: dict[str, Any]) -> int:
+    """DDP ranks of a Slurm job with these resources: nodes x tasks per node."""
+    return int(resources.get("nodes") or 1) * int(resources.get("tasks_per_node") or 1)
+
+
+_PARTITIONS: dict[str, dict[str, str]] | None = None
+
+
+def partitions() -> dict[str, dict[str, str]]:
+    """``scontrol show partition`` once per process: name -> its fields ({} without Slurm)."""
+    global _PARTITIONS
+    if _PARTITIONS is None:
+        _PARTITIONS = {}
+        if shutil.which("scontrol") and shutil.which("sbatch"):
+            proc = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True,
+                                  text=True)
+            for line in proc.stdout.splitlines():
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                if fields.get("PartitionName"):
+                    _PARTITIONS[fields["PartitionName"]] = fields
+    return _PARTITIONS
+
+
+def check_resources(plan: Plan, resources: ResourceProfile, overrides: dict[str, Any] | None = None,
+                    cluster: str = "slurm") -> list[str]:
+    """Requests Slurm could never run, found before submitting: a global batch the ranks cannot
+    split evenly, more nodes than the partition has (or allows), an unknown partition."""
+    out: list[str] = []
+    if cluster != "slurm":
+        return out
+    where = resources.path or resources.name
+    seen: set[tuple[str, int]] = set()
+    for st in plan.ordered():
+        res = resources.for_kind(st.kind, overrides)
+        n = ranks(res)
+        sub = getattr(st.config, st.kind, None)
+        batch = getattr(getattr(sub, "optim", None), "batch_size", None)
+        if batch and n > 1 and batch % n and (st.kind, batch) not in seen:
+            seen.add((st.kind, batch))
+            out.append(f"{st.kind}.optim.batch_size={batch} is not divisible by the {n} ranks of "
+                       f"{where} {st.kind} (nodes {res.get('nodes') or 1} x tasks_per_node "
+                       f"{res.get('tasks_per_node') or 1}), e.g. stage {st.stage_id}; change the "
+                       "batch or the resources")
+    parts = partitions()
+    if not parts:
+        return out
+    for kind in sorted({st.kind for st in plan.stages.values()}):
+        res = resources.for_kind(kind, overrides)
+        name = res.get("partition") or next(
+            (p for p, f in parts.items() if f.get("Default") == "YES"), None)
+        if name is None:
+            continue
+        if name not in parts:
+            out.append(f"{where}: {kind}.partition: {name!r} is not a partition of this cluster "
+                       f"(it has: {', '.join(sorted(parts))})")
+            continue
+        total = parts[name].get("TotalNodes", "")
+        most = parts[name].get("MaxNodes", "UNLIMITED")
+        limit = min(int(x) for x in (total, most) if x.isdigit()) if any(
+            x.isdigit() for x in (total, most)) else None
+        nodes = int(res.get("nodes") or 1)
+        if limit is not None and nodes > limit:
+            out.append(f"{where}: {kind}.nodes={nodes}: partition {name} has {total} node(s)"
+                       + (f" and allows {most} per job" if most.isdigit() else "")
+                       + "; Slurm would keep the job pending forever (PartitionNodeLimit)")
+    return out
 
 
 def _cuda_count() -> int:
@@ -597,6 +789,9 @@ def launch(
     """
     workdir = Path(workdir).resolve()
     cluster = resolve_executor(executor)
+    problems = check_resources(plan, resources, resource_overrides, cluster)
+    if problems:  # before anything is written or submitted
+        raise ResourceError("\n".join(problems))
     report = LaunchReport()
     say = on_event or (lambda msg: print(msg, file=sys.stderr))
     with workdir_lock(workdir):
@@ -777,16 +972,22 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
     pending = list(todo)
     running: dict[str, submitit.Job] = {}
     ended: dict[str, str] = {}  # stage -> state, for stages that ended without a result
-    bar = tqdm(total=len(todo), desc="stages", unit="stage", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="stages", unit="stage",
+               disable=not (progress and sys.stderr.isatty()), file=sys.stderr, dynamic_ncols=True)
+    watch = StageProgress(progress and cluster != "debug")
     try:
         with _sigterm_stops_launcher():
             while pending or running:
+                watch.poll()
                 for sid, job in list(running.items()):
                     if cluster == "debug" or job.done():
+                        watch.stop(sid)
                         del running[sid]
                         _finish_local(workdir, sid, job, report, ended, say)
                         bar.update(1)
+                        if bar.disable and progress:  # a log, not a terminal: plain lines
+                            finished = len(todo) - len(pending) - len(running)
+                            say(f"[{finished}/{len(todo)} stages] {sid}: {ended.get(sid, DONE)}")
                 waiting = False
                 for st in list(pending):
                     run = RunDir(workdir, st.stage_id)
@@ -828,7 +1029,8 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                         "executor": cluster, "job_id": str(job.job_id), "launcher": me,
                         "folder": str(job.paths.folder), "submitted_at": _now(),
                         "code": {**code, "snapshot": str(snapshot)}})
-                    bar.set_postfix_str(st.describe()[:40])
+                    watch.start(st.stage_id, stage_label(
+                        list(dict.fromkeys(u[1] for u in st.users)), st.describe()), run.log_path)
                     if cluster == "debug":
                         break
                 if not running and pending and not waiting:
@@ -844,6 +1046,7 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
         _stop_local(workdir, running)
         raise
     finally:
+        watch.close()
         bar.close()
 
 
@@ -1019,9 +1222,16 @@ def sbatch_test_only(resources: ResourceProfile, kinds: list[str],
                 f"--ntasks-per-node={int(res.get('tasks_per_node', 1))}"]
         if res.get("mem_gb"):
             args.append(f"--mem={int(res['mem_gb'])}G")
-        if res.get("gpus_per_node"):
-            args.append(f"--gpus-per-node={int(res['gpus_per_node'])}")
-        for key in ("partition", "account", "qos", "constraint"):
+        gpu_type, gpus = parse_gpus(res.get("gpus_per_node"))
+        if gpus:
+            args.append(f"--gpus-per-node={gpu_type + ':' if gpu_type else ''}{gpus}")
+        if res.get("mem_per_gpu"):
+            mpg = res["mem_per_gpu"]
+            args.append(f"--mem-per-gpu={mpg}G" if isinstance(mpg, int) else f"--mem-per-gpu={mpg}")
+        if res.get("exclude"):
+            ex = res["exclude"]
+            args.append(f"--exclude={','.join(ex) if isinstance(ex, list) else ex}")
+        for key in ("partition", "account", "qos", "constraint", "gres"):
             if res.get(key):
                 args.append(f"--{key}={res[key]}")
         proc = subprocess.run([*args, "--wrap=true"], capture_output=True, text=True)

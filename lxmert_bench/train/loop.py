@@ -670,7 +670,7 @@ def train(
 
                 record = None
                 if state.global_step % max(1, settings.log_every) == 0 or state.global_step == total_steps:
-                    record = _log_record(state, epoch, lr)
+                    record = _log_record(state, epoch, lr, total_steps)
                     log(record)
                 progress.update(state.global_step, record)
 
@@ -711,12 +711,12 @@ def train(
     )
 
 
-def _log_record(state: _State, epoch: int, lr: float) -> dict[str, Any]:
+def _log_record(state: _State, epoch: int, lr: float, total_steps: int) -> dict[str, Any]:
     """Means over the steps since the last log line; samples/s over their training time."""
     steps = max(1, state.log_acc_steps)
     acc = state.log_acc
     record = {
-        "step": state.global_step, "epoch": epoch + 1, "lr": lr,
+        "step": state.global_step, "total_steps": total_steps, "epoch": epoch + 1, "lr": lr,
         "loss": acc.get("loss", float("nan")) / steps,
         "losses": {k: v / steps for k, v in acc.items() if k != "loss"},
         "samples_per_s": state.log_acc_samples / state.log_acc_s if state.log_acc_s > 0 else 0.0,
