@@ -256,6 +256,7 @@ def _in_spec_order(plan) -> list:
 
 
 def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, str] | None) -> None:
+    from lxmert_bench.launch import gpu_count
     from lxmert_bench.plan import estimate_gpu_hours
 
     rows = []
@@ -268,7 +269,7 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
             "stage": st.stage_id, "kind": st.kind, "what": what, "state": s.state,
             "job_id": s.job_id, "shared_by": len({(u[0], u[1]) for u in st.users}),
             "used_by": [f"{u[0]}:{u[1]}:seed{u[2]}:{u[3]}" for u in st.users],
-            "depends_on": st.deps, "gpus": int(res.get("gpus_per_node") or 0) * int(res.get("nodes") or 1),
+            "depends_on": st.deps, "gpus": gpu_count(res) * int(res.get("nodes") or 1),
             "time_min": res.get("timeout_min"), "gpu_hours": round(estimate_gpu_hours(st.config), 2),
         })
     todo_hours = sum(r["gpu_hours"] for r in rows if r["state"] not in ("done",))
@@ -306,6 +307,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     specs, plan, workdir = _load(args)
     problems = check_data(plan) + _permission_problems(args, plan, workdir)
     resources = _resources(args, specs)
+    problems += _resource_problems(args, plan, resources, specs)
     statuses = stage_statuses(plan, workdir)
     test_only = None
     if getattr(args, "test_only", False):
@@ -314,6 +316,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for p in problems:
         _err(p)
     return EXIT_INVALID if problems else EXIT_OK
+
+
+def _resource_problems(args: argparse.Namespace, plan, resources, specs: list) -> list[str]:
+    """Requests Slurm could never satisfy (launch.check_resources), when the plan is for Slurm
+    (its executor, or a --slurm-profile given or remembered); `run` refuses the same ones before
+    submitting."""
+    import shutil
+
+    from lxmert_bench.launch import check_resources
+
+    executor = specs[0].profile.executor
+    slurm = executor == "slurm" or (executor == "auto" and shutil.which("sbatch")) or bool(
+        getattr(args, "effective", {}).get(specs[0].path, {}).get("slurm_profile"))
+    return check_resources(plan, resources, None, "slurm" if slurm else executor)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -459,7 +475,7 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "cancel": cm
 
 def main(argv: list[str] | None = None) -> int:
     from lxmert_bench.data.synthetic import DataRootError
-    from lxmert_bench.launch import LaunchError
+    from lxmert_bench.launch import LaunchError, ResourceError
     from lxmert_bench.plan import SelectorError
     from lxmert_bench.report.harness import ReportDirError
     from lxmert_bench.spec import SpecError
@@ -473,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             _err(p)
         return EXIT_INVALID
     except (InputError, DataRootError, SelectorError, ReportDirError, FileNotFoundError,
-            NotADirectoryError) as e:
+            NotADirectoryError, ResourceError) as e:
         _err(str(e))
         return EXIT_INVALID
     except LaunchError as e:
