@@ -120,6 +120,11 @@ class StageJob(submitit.helpers.Checkpointable):
                 raise
             requeue(stop.signum or signal.SIGUSR2)  # rank 0: requeues and exits; others return
             sys.exit(0)  # other ranks: the requeue ends this step on every node
+        if requeue is not None:
+            # done (result.json written): a late USR2 must neither requeue nor kill the process
+            # while submitit saves the result or Python exits (which resets handlers, not
+            # SIG_IGN, to the default action: death by signal 12, job FAILED, dependents stuck)
+            signal.signal(submitit.JobEnvironment._usr_sig(), signal.SIG_IGN)
         return {"stage_id": self.stage_id, "metrics": result.get("metrics", {})}
 
     @staticmethod

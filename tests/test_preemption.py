@@ -174,3 +174,33 @@ def test_dist_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"LXMERT_BENCH_DIST_TIMEOUT_S={bad!r}"):
             dist_timeout_s()
+
+
+LATE_SIGNAL_MAIN = """
+import os, signal, sys
+os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # as in a submitit Slurm job, whose handler is set
+import submitit
+from submitit.core.job_environment import SignalHandler
+from lxmert_bench.launch import StageJob
+env = submitit.JobEnvironment()
+signal.signal(env._usr_sig(), SignalHandler(env, None, None).checkpoint_and_try_requeue)
+out = StageJob(sys.argv[1], sys.argv[2], threads=1)()
+print("ignored", signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)
+os.kill(os.getpid(), signal.SIGUSR2)  # while submitit would be saving the result, or exiting
+print("alive", out["stage_id"])
+"""
+
+
+def test_a_usr2_after_the_stage_is_done_is_ignored(tmp_path, data_root):
+    """A job whose USR2 came just after training ended died of the signal while Python exited
+    (which resets handlers to the default action, except SIG_IGN): Slurm said FAILED although
+    result.json was written, and the fine-tunings waiting on it never started."""
+    cfg = pretrain_config(data_root, 4)
+    run = RunDir(tmp_path / "wd", cfg.stage_id)
+    run.write_config(cfg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    proc = subprocess.run([sys.executable, "-c", LATE_SIGNAL_MAIN, str(run.workdir), run.stage_id],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ignored True" in proc.stdout and f"alive {cfg.stage_id}" in proc.stdout
+    assert run.read_result()["steps"] == 4
