@@ -104,9 +104,34 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True)
     conv.add_argument("--fp16", action="store_true", help="store features as float16")
 
+    logs = sub.add_parser("logs", help="the tail of a stage's job stdout/stderr (submitit's files)")
+    _add_logs_args(logs)
+
+    clean = sub.add_parser("clean", help="free disk: remove finished stages' resume state "
+                                         "(checkpoints/last.pt); keeps weights, predictions, logs")
+    _add_common(clean)
+    clean.add_argument("--dry-run", action="store_true", help="say what would be removed")
+
     stage = sub.add_parser("stage", help="run one stage from its run directory (as a job does)")
     stage.add_argument("run_dir", help="<workdir>/runs/<kind>/<hash>")
     return parser
+
+
+def _add_logs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="ablation spec YAML file")
+    p.add_argument("variant", nargs="?", default=None, metavar="VARIANT",
+                   help="only the stages this variant uses")
+    p.add_argument("--stage", dest="kind", choices=["bert", "pretrain", "finetune"], default=None,
+                   help="only stages of this kind")
+    p.add_argument("--task", default=None, help="only fine-tunings on this task (vqa, gqa, nlvr2)")
+    p.add_argument("--tail", type=int, default=40, metavar="N",
+                   help="last N lines of each file (0: all; default 40)")
+    p.add_argument("--workdir", default=None, help="as for run (default ./runs or $LXMERT_BENCH_WORKDIR)")
+    p.add_argument("--profile", default=None, help="as for run (default: the remembered one)")
+    p.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE")
+    p.add_argument("--slurm-profile", default=None)
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--allow-group-write", action="store_true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +463,93 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def stage_log_files(workdir: Path, stage_id: str) -> list[Path]:
+    """The submitit stdout/stderr files of a stage's latest job (job.json: folder, job_id), every
+    task's, rank 0 first; [] when it never ran as a job."""
+    from lxmert_bench.launch import read_job
+
+    rec = read_job(workdir, stage_id) or {}
+    if not rec.get("folder") or not rec.get("job_id"):
+        return []
+    folder, job = Path(rec["folder"]), str(rec["job_id"])
+    files = []
+    for f in folder.glob(f"{job}_*_log.*"):
+        task = f.name[len(job) + 1:].split("_log.", 1)[0]  # <job>_<task>_log.{out,err}
+        if task.isdigit() and f.suffix in (".out", ".err"):
+            files.append((int(task), f.suffix != ".out", f))
+    return [f for *_, f in sorted(files)]
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from lxmert_bench.plan import match_stages
+
+    args.specs = [args.spec]
+    _, plan, workdir = _load(args)
+    terms = [f"{k}={v}" for k, v in (("variant", args.variant), ("kind", args.kind),
+                                     ("task", args.task)) if v]
+    if args.task and not args.kind:
+        terms.append("kind=finetune")  # a task names fine-tunings
+    if args.tail < 0:
+        raise InputError(f"--tail {args.tail}: expected N >= 0")
+    variants = list(dict.fromkeys(u[1] for st in plan.ordered() for u in st.users))
+    if args.variant and args.variant not in variants:
+        raise InputError(f"variant {args.variant!r} is not in {args.spec} (variants: "
+                         f"{', '.join(variants)})")
+    chosen = match_stages(plan, ",".join(terms)) if terms else [st.stage_id for st in plan.ordered()]
+    for sid in chosen:
+        files = stage_log_files(workdir, sid)
+        print(f"=== {sid} ({plan.stages[sid].describe()})")
+        if not files:
+            print("    (no job logs: the stage has not been submitted or run as a job)")
+        for f in files:
+            lines = f.read_text(errors="replace").splitlines()
+            part = lines[-args.tail:] if args.tail else lines
+            print(f"--- {f} (last {len(part)} of {len(lines)} lines)")
+            for line in part:
+                print(line)
+    return EXIT_OK
+
+
+RESUME_STATE = ("checkpoints/last.pt",)  # what a finished stage no longer needs (store.py)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove finished stages' resume state. Only stages whose result.json exists and whose
+    execution lock nobody holds; only the files in RESUME_STATE, which the training loop writes."""
+    from lxmert_bench.launch import stage_statuses
+    from lxmert_bench.store import DONE, RunDir
+
+    _, plan, workdir = _load(args)
+    statuses = stage_statuses(plan, workdir, query_scheduler=False)
+    freed, files = 0, 0
+    for st in plan.ordered():
+        run = RunDir(workdir, st.stage_id)
+        if statuses[st.stage_id].state != DONE or run.lock_holder() is not None:
+            continue
+        for rel in RESUME_STATE:
+            path = run.path / rel
+            if not path.is_file() or path.is_symlink():
+                continue
+            size = path.stat().st_size
+            if not args.dry_run:
+                path.unlink()
+            freed += size
+            files += 1
+            print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_size(size)})")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{verb} {_size(freed)} ({freed} bytes) in {files} file(s); kept model.pt, best.pt, "
+          "predictions and logs")
+    return EXIT_OK
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
 def _write_report(spec, plan, workdir: Path, out: str | None, statuses=None) -> Path:
     from lxmert_bench.report.harness import report_for_spec
 
@@ -470,7 +582,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "cancel": cmd_cancel,
-            "report": cmd_report, "data": cmd_data, "stage": cmd_stage}
+            "report": cmd_report, "data": cmd_data, "stage": cmd_stage, "logs": cmd_logs,
+            "clean": cmd_clean}
 
 
 def main(argv: list[str] | None = None) -> int:
