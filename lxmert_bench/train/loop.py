@@ -159,11 +159,6 @@ def request_stop(signum: int, _frame: Any = None) -> None:
     _stop_signal = signum
 
 
-def stop_requested() -> int | None:
-    """The signal that requested a stop in this process, or None."""
-    return _stop_signal
-
-
 def _stop_agreed(info: DistInfo, step: int, every: int, device: torch.device) -> bool:
     """True when any rank has a stop request. Alone: checked every step (a Python flag). Under
     DDP: one int all-reduced every ``every`` steps, the same steps on every rank (no per-step sync)."""
