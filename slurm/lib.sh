@@ -16,7 +16,9 @@ NODES=""
 _base_arg=""
 while (($#)); do
   case $1 in
-    --nodes) NODES=${2:-}; shift 2 || true ;;
+    --nodes)
+      (($# >= 2)) || { echo "${0##*/}: --nodes needs a value (1 or 2)" >&2; exit 2; }
+      NODES=$2; shift 2 ;;
     --nodes=*) NODES=${1#--nodes=}; shift ;;
     "") shift ;;
     -*) echo "${0##*/}: unknown option $1 (usage: ${0##*/} [--nodes 1|2] [BASE_DIR])" >&2; exit 2 ;;
