@@ -200,6 +200,7 @@ def test_pending_array_cancelled_from_outside_is_interrupted(tmp_path, capsys):
         subprocess.run(["scancel", pre_job])
 
 
+@pytest.mark.slow  # ~35 s: a local run, a failing job, two fine-tunings on Slurm
 def test_dependency_never_satisfied_is_resubmitted_against_the_finished_stage(tmp_path, capsys):
     """The requeue race of issue 11: the pretraining's job ends FAILED although the stage wrote
     result.json, so its fine-tunings pend with DependencyNeverSatisfied. Reproduced with a real
@@ -294,3 +295,21 @@ def test_cancel_is_one_scancel_per_batch_of_arrays(tmp_path, monkeypatch, capsys
                  timeout=30)
     statuses = stage_statuses(plan, workdir)
     assert all(s.state == "interrupted" for s in statuses.values()), statuses
+
+
+def test_scheduler_queries_are_chunked(tmp_path, monkeypatch):
+    """10,000 element ids of 10 arrays plus 1,100 plain jobs: squeue/sacct are asked by array id
+    in chunks of at most 500 ids, so the argument list stays short (it crashed past ~9,500)."""
+    from lxmert_bench.launch import SLURM_QUERY_CHUNK, slurm_states
+
+    bin_dir = _counting(tmp_path, "squeue", "sacct")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    ids = [f"{9_000_000 + a}_{i}" for a in range(10) for i in range(1000)]
+    ids += [str(9_100_000 + j) for j in range(1100)]
+    assert slurm_states(ids) == {}  # none exists
+    for cmd in ("squeue", "sacct"):
+        lines = (bin_dir / f"{cmd}.calls").read_text().splitlines()
+        assert len(lines) == 3, lines  # 1,110 array/plain ids in chunks of 500
+        lists = [line.split(" -j ")[1].split()[0].split(",") for line in lines]
+        assert all(len(x) <= SLURM_QUERY_CHUNK for x in lists)
+        assert sum(map(len, lists)) == 1110 and max(map(len, lines)) < 5000
