@@ -508,13 +508,16 @@ def expand_job_record(job_id: str) -> list[str]:
     base, spec = job_id[:-1].split("_[", 1)
     spec = spec.split("%", 1)[0]  # the throttle (%N) is not an element
     out: list[str] = []
-    for part in filter(None, spec.split(",")):
-        lo, _, rest = part.partition("-")
-        if not rest:
-            out.append(f"{base}_{int(lo)}")
-            continue
-        hi, _, step = rest.partition(":")
-        out += [f"{base}_{i}" for i in range(int(lo), int(hi) + 1, int(step or 1))]
+    try:
+        for part in filter(None, spec.split(",")):
+            lo, _, rest = part.partition("-")
+            if not rest:
+                out.append(f"{base}_{int(lo)}")
+                continue
+            hi, _, step = rest.partition(":")
+            out += [f"{base}_{i}" for i in range(int(lo), int(hi) + 1, int(step or 1))]
+    except ValueError:  # a form this parser does not know: keep the record as it is
+        return [job_id]
     return out
 
 

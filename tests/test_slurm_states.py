@@ -18,6 +18,7 @@ from lxmert_bench.store import FAILED, INTERRUPTED, QUEUED, RUNNING, RunDir
     ("37_[5,9-10%4]", ["37_5", "37_9", "37_10"]),
     ("37_[0-6:3]", ["37_0", "37_3", "37_6"]),
     ("37_[12]", ["37_12"]),
+    ("37_[a-b]", ["37_[a-b]"]),  # unknown form: kept whole, never a crash of status
 ])
 def test_array_records_expand_to_their_elements(record, ids):
     assert expand_job_record(record) == ids
