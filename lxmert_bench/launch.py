@@ -611,9 +611,58 @@ NEVER_STARTS = {
 }
 
 
-def never_starts(reason: str) -> str:
-    """Why a job pending for this Slurm reason will never start, or '' when it may."""
-    return NEVER_STARTS.get(reason.split(",")[0].strip(), "")
+def never_starts(reason: str, known_nodes: set[str] | None = None) -> str:
+    """Why a job pending for this Slurm reason will never start, or '' when it may.
+    ``ReqNodeNotAvail`` (nodes down or drained) usually passes; it never does when a node it
+    waits for is not a node of the cluster (``known_nodes``, from sinfo)."""
+    head = reason.split(",")[0].strip()
+    if head == "ReqNodeNotAvail" and known_nodes:
+        missing = [n for n in unavailable_nodes(reason) if n not in known_nodes]
+        if missing:
+            return f"it asks for node(s) {', '.join(missing)}, which the cluster does not have"
+    return NEVER_STARTS.get(head, "")
+
+
+def unavailable_nodes(reason: str) -> list[str]:
+    """``'ReqNodeNotAvail, UnavailableNodes:gpu[1-2],cpu7'`` -> gpu1, gpu2, cpu7."""
+    _, sep, nodes = reason.partition("UnavailableNodes:")
+    return expand_hostlist(nodes.strip()) if sep else []
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm's hostlist notation: ``'n[1-3,7],login'`` -> n1, n2, n3, n7, login (zero padding
+    kept: ``n[01-02]`` -> n01, n02)."""
+    out: list[str] = []
+    depth, start = 0, 0
+    parts: list[str] = []
+    for i, c in enumerate(text + ","):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    for part in filter(None, (p.strip() for p in parts)):
+        prefix, sep, rest = part.partition("[")
+        if not sep or not rest.endswith("]"):
+            out.append(part)
+            continue
+        for item in rest[:-1].split(","):
+            lo, _, hi = item.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                out.append(part)
+                break
+            out += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def cluster_nodes() -> set[str]:
+    """The node names of the cluster (sinfo), or an empty set without Slurm."""
+    if not shutil.which("sinfo"):
+        return set()
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
+    return {n.strip() for n in proc.stdout.split() if n.strip()}
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -657,6 +706,7 @@ def stage_statuses(plan: Plan, workdir: str | Path, query_scheduler: bool = True
     sstates = slurm_states(slurm_ids) if query_scheduler and slurm_ids else {}
     out: dict[str, StageStatus] = {}
     current: str | None = None  # this checkout's sources hash, computed once when needed
+    nodes: set[str] | None = None  # the cluster's node names, asked once when needed
     for sid in plan.stages:
         rec = records[sid]
         st = StageStatus(sid, TO_RUN, rec.get("job_id") if rec else None,
@@ -664,6 +714,11 @@ def stage_statuses(plan: Plan, workdir: str | Path, query_scheduler: bool = True
         st.state, st.reason = _state(RunDir(workdir, sid), rec, sstates)
         if st.state == QUEUED and st.executor == "slurm" and st.job_id:
             st.slurm_reason = sstates.get(str(st.job_id), ("", ""))[1]
+            if st.slurm_reason.startswith("ReqNodeNotAvail"):
+                nodes = cluster_nodes() if nodes is None else nodes
+                never = never_starts(st.slurm_reason, nodes)
+                if never:
+                    st.reason += f"; will never start: {never}"
         planned_with = ((rec or {}).get("code") or {}).get("source_hash")
         if st.state in ACTIVE and planned_with:
             if current is None:

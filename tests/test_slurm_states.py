@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from lxmert_bench.launch import _state, compress_job_ids, expand_job_record, never_starts
+from lxmert_bench.launch import (
+    _state,
+    compress_job_ids,
+    expand_hostlist,
+    expand_job_record,
+    never_starts,
+)
 from lxmert_bench.store import FAILED, INTERRUPTED, QUEUED, RUNNING, RunDir
 
 
@@ -78,3 +84,21 @@ def test_pending_reasons_that_never_start_are_flagged(tmp_path, reason, never):
     if reason and reason != "None":
         assert f"Slurm PENDING ({reason})" in text
     assert ("will never start" in text) is never
+
+
+@pytest.mark.parametrize("text, nodes", [
+    ("n[1-3,7],login", ["n1", "n2", "n3", "n7", "login"]),
+    ("gpu[01-02]", ["gpu01", "gpu02"]),
+    ("localhost", ["localhost"]),
+    ("", []),
+])
+def test_hostlists_expand(text, nodes):
+    assert expand_hostlist(text) == nodes
+
+
+def test_req_node_not_avail_never_starts_only_for_nodes_the_cluster_lacks():
+    reason = "ReqNodeNotAvail, UnavailableNodes:n[1-2]"
+    assert never_starts(reason, {"n1", "n2", "n3"}) == ""  # down or drained: it may come back
+    assert "n2" in never_starts(reason, {"n1", "n3"}) and "does not have" in never_starts(
+        reason, {"n1", "n3"})
+    assert never_starts(reason, None) == ""  # without sinfo: not claimed
