@@ -27,7 +27,7 @@ def _cluster_up() -> bool:
     if not shutil.which("sinfo"):
         return False
     proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return proc.returncode == 0 and any(s in proc.stdout for s in ("idle", "mix", "alloc"))
+    return proc.returncode == 0 and any(s in proc.stdout for s in ("idle", "mix", "alloc", "comp"))
 
 
 needs_slurm = pytest.mark.skipif(not _cluster_up(), reason="no Slurm test cluster (slurm/start.sh)")
