@@ -291,12 +291,8 @@ def test_corrupt_data_json_is_found_before_any_stage_starts(tmp_path, capsys, mo
 
 def test_a_garbage_result_is_failed_not_done_and_report_survives(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec, wd = _spec(tmp_path), tmp_path / "wd"
-    plan = make_plan(load_spec(spec, "test"), wd)
-    (sid,) = plan.stages
-    run = RunDir(wd, sid)
-    run.path.mkdir(parents=True)
-    run.write_config(plan.stages[sid].config)
+    spec, wd, run = _one_stage_run_dir(tmp_path)
+    run.write_config(make_plan(load_spec(spec, "test"), wd).stages[run.stage_id].config)
     for garbage in ("{}", "not json at all", '{"stage_id": "x", "metrics": {}}'):
         run.result_path.write_text(garbage)
         assert not run.is_done() and run.disk_state() == FAILED
@@ -310,11 +306,8 @@ def test_a_garbage_result_is_failed_not_done_and_report_survives(tmp_path, capsy
 
 def test_a_truncated_last_pt_names_the_file_and_the_way_out(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec, wd = _spec(tmp_path), tmp_path / "wd"
-    plan = make_plan(load_spec(spec, "test"), wd)
-    (sid,) = plan.stages
-    run = RunDir(wd, sid)
-    run.checkpoint_dir.mkdir(parents=True)
+    spec, wd, run = _one_stage_run_dir(tmp_path)
+    run.checkpoint_dir.mkdir()
     (run.checkpoint_dir / "last.pt").write_bytes(b"PK\x03\x04 torn")
     assert main(["run", str(spec), "--profile", "test", "--workdir", str(wd), "--quiet",
                  "--no-report"]) == 1
@@ -322,6 +315,15 @@ def test_a_truncated_last_pt_names_the_file_and_the_way_out(tmp_path, capsys, mo
     assert main(["status", str(spec), "--workdir", str(wd)]) == 1
     out = capsys.readouterr().out
     assert "last.pt: cannot read checkpoint" in out and "move it away" in out
+
+
+def _one_stage_run_dir(tmp_path: Path) -> tuple[Path, Path, RunDir]:
+    """The one-stage spec, its workdir and its (created, empty) run directory."""
+    spec, wd = _spec(tmp_path), tmp_path / "wd"
+    (sid,) = make_plan(load_spec(spec, "test"), wd).stages
+    run = RunDir(wd, sid)
+    run.path.mkdir(parents=True)
+    return spec, wd, run
 
 
 def _dead_pid() -> int:

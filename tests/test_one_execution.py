@@ -97,6 +97,16 @@ def _by_description(plan, metrics: dict[str, dict]) -> dict[str, dict]:
     return {sid.split("/")[0] + "/" + plan.stages[sid].describe(): m for sid, m in metrics.items()}
 
 
+def _run_until_pretraining_logs(tmp_path: Path, **popen):
+    """A `run` in the background, returned once its pretraining has logged a few steps."""
+    spec, wd, args = _setup(tmp_path)
+    plan = _plan(spec, wd)
+    pre = RunDir(wd, _pretrain(plan))
+    proc = _cli("run", str(spec), *args, **popen)
+    _wait_for(lambda: _steps_running(pre), 180, "the pretraining to log steps")
+    return spec, wd, args, plan, pre, proc
+
+
 def test_two_concurrent_runs_execute_every_stage_once(tmp_path, reference):
     spec, wd, args = _setup(tmp_path)
     first = _cli("run", str(spec), *args)
@@ -115,11 +125,7 @@ def test_two_concurrent_runs_execute_every_stage_once(tmp_path, reference):
 
 
 def test_kill_9_of_run_then_a_plain_rerun_finishes_identically(tmp_path, reference):
-    spec, wd, args = _setup(tmp_path)
-    plan = _plan(spec, wd)
-    pre = RunDir(wd, _pretrain(plan))
-    proc = _cli("run", str(spec), *args)
-    _wait_for(lambda: _steps_running(pre), 180, "the pretraining to log steps")
+    spec, wd, args, plan, pre, proc = _run_until_pretraining_logs(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # its stage must not outlive it: the lock is let go within seconds
@@ -135,11 +141,7 @@ def test_kill_9_of_run_then_a_plain_rerun_finishes_identically(tmp_path, referen
 
 
 def test_cancel_stops_a_local_run_within_seconds(tmp_path, capsys):
-    spec, wd, args = _setup(tmp_path)
-    plan = _plan(spec, wd)
-    pre = RunDir(wd, _pretrain(plan))
-    proc = _cli("run", str(spec), *args)
-    _wait_for(lambda: _steps_running(pre), 180, "the pretraining to log steps")
+    spec, wd, args, plan, pre, proc = _run_until_pretraining_logs(tmp_path)
     assert stage_statuses(plan, wd)[pre.stage_id].state == RUNNING
     started = time.time()
     assert main(["cancel", str(spec), "--workdir", str(wd)]) == 0
@@ -159,11 +161,8 @@ def test_cancel_stops_a_local_run_within_seconds(tmp_path, capsys):
 
 
 def test_ctrl_c_says_the_truth_and_a_plain_rerun_continues(tmp_path):
-    spec, wd, args = _setup(tmp_path)
-    plan = _plan(spec, wd)
-    pre = RunDir(wd, _pretrain(plan))
-    proc = _cli("run", str(spec), *args, start_new_session=True)
-    _wait_for(lambda: _steps_running(pre), 180, "the pretraining to log steps")
+    spec, wd, args, plan, pre, proc = _run_until_pretraining_logs(tmp_path,
+                                                                  start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the whole group
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -177,12 +176,8 @@ def test_ctrl_c_says_the_truth_and_a_plain_rerun_continues(tmp_path):
 
 
 def test_a_locked_stage_is_never_started_again_and_shows_who_runs_it(tmp_path, capsys):
-    spec, wd, args = _setup(tmp_path)
-    plan = _plan(spec, wd)
-    pre = RunDir(wd, _pretrain(plan))
-    proc = _cli("run", str(spec), *args)
+    spec, wd, args, plan, pre, proc = _run_until_pretraining_logs(tmp_path)
     try:
-        _wait_for(lambda: _steps_running(pre), 180, "the pretraining to log steps")
         holder = pre.lock_holder()
         assert holder and holder["pid"] != proc.pid  # the stage's own process, not the launcher
         assert main(["stage", str(pre.path)]) == 1
@@ -199,7 +194,6 @@ def test_a_locked_stage_is_never_started_again_and_shows_who_runs_it(tmp_path, c
 
 def test_rerun_archives_and_runs_again(tmp_path, capsys):
     spec, wd, args = _setup(tmp_path)
-    args = [a for a in args]
     assert main(["run", str(spec), *args]) == 0
     plan = _plan(spec, wd)
     fin = [s for s in plan.stages if s.startswith("finetune/")]

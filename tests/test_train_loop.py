@@ -122,7 +122,8 @@ def test_train_logs_evaluates_and_checkpoints(tmp_path, capsys):
     log = read_log(tmp_path / "log.jsonl")
     train_lines = [r for r in log if "loss" in r]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12, 14, 15]
-    assert set(train_lines[0]) == {"step", "epoch", "lr", "loss", "losses", "samples_per_s", "time"}
+    assert set(train_lines[0]) == {"step", "total_steps", "epoch", "lr", "loss", "losses",
+                                   "samples_per_s", "time"}
     assert set(train_lines[0]["losses"]) == {"mse", "l1"}
     evals = [r for r in log if r.get("split") == "valid"]
     assert [(r["step"], r["epoch"]) for r in evals] == [(5, 1), (10, 2), (15, 3)]
