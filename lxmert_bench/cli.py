@@ -370,8 +370,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     resources = _resources(args, specs)
     if args.dry_run:
         _print_plan(plan, stage_statuses(plan, workdir), resources, False, None)
+        problems = _resource_problems(args, plan, resources, specs)
+        for p in problems:  # what the real run would refuse
+            _err(p)
         print("\n(dry run: nothing submitted)")
-        return EXIT_OK
+        return EXIT_INVALID if problems else EXIT_OK
     executor = resolve_executor(args.executor or specs[0].profile.executor)
     if args.rerun:
         _archive_for_rerun(plan, workdir, args.rerun)

@@ -135,6 +135,11 @@ def test_global_batch_not_divisible_by_ranks_is_refused_by_plan(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2, err
     assert "pretrain.optim.batch_size=16 is not divisible by the 3 ranks" in err, err
+    # the dry run says the same as the run would, and writes nothing
+    code = main(["run", str(_spec(tmp_path)), "--profile", "test", "--workdir",
+                 str(tmp_path / "wd"), "--slurm-profile", str(prof), "--dry-run"])
+    assert code == 2 and "not divisible by the 3 ranks" in capsys.readouterr().err
+    assert not (tmp_path / "wd" / "runs").exists()
 
 
 @needs_slurm
