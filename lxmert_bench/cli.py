@@ -519,6 +519,7 @@ RESUME_STATE = ("checkpoints/last.pt",)  # what a finished stage no longer needs
 def cmd_clean(args: argparse.Namespace) -> int:
     """Remove finished stages' resume state. Only stages whose result.json exists and whose
     execution lock nobody holds; only the files in RESUME_STATE, which the training loop writes."""
+    from lxmert_bench.io import human_bytes
     from lxmert_bench.launch import stage_statuses
     from lxmert_bench.store import DONE, RunDir
 
@@ -538,19 +539,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 path.unlink()
             freed += size
             files += 1
-            print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_size(size)})")
+            print(f"{'would remove' if args.dry_run else 'removed'} {path} ({human_bytes(size)})")
     verb = "would free" if args.dry_run else "freed"
-    print(f"{verb} {_size(freed)} ({freed} bytes) in {files} file(s); kept model.pt, best.pt, "
+    print(f"{verb} {human_bytes(freed)} ({freed} bytes) in {files} file(s); kept model.pt, best.pt, "
           "predictions and logs")
     return EXIT_OK
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def _write_report(spec, plan, workdir: Path, out: str | None, statuses=None) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lxmert_bench.cli import _size as _human
 from lxmert_bench.cli import main
+from lxmert_bench.io import human_bytes as _human
 from lxmert_bench.plan import make_plan
 from lxmert_bench.spec import load_spec
 from lxmert_bench.store import RunDir

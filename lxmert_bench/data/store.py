@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lxmert_bench.data.features import FeatureFormatError, iter_obj_tsv_hashed
-from lxmert_bench.io import atomic_write_json, read_json
+from lxmert_bench.io import atomic_write_json, human_bytes, read_json
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -723,14 +723,6 @@ def ensure_store(tsv_paths: str | os.PathLike | Iterable[str | os.PathLike],
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _build_stamp(path: Path) -> tuple[Any, Any] | None:
     try:
         index = read_json(path / INDEX_FILE)
@@ -756,7 +748,7 @@ def convert_main(tsv_paths: list[str], out: str, fp16: bool) -> int:
     took = time.perf_counter() - start
     action = "reused" if before and before == _build_stamp(store.path) else f"converted in {took:.1f}s"
     print(f"{store.path}: {len(store)} images x {store.num_boxes} boxes x {store.feature_dim} "
-          f"{store.feature_dtype}, {_human_bytes(store.nbytes())} on disk, "
+          f"{store.feature_dtype}, {human_bytes(store.nbytes())} on disk, "
           f"fingerprint {store.fingerprint[:16]} ({action})")
     return 0
 
