@@ -166,15 +166,16 @@ def test_remembered_set_is_kept_and_said(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec, wd = _spec(tmp_path), str(tmp_path / "wd")
     base = ["--workdir", wd, "--quiet", "--no-report"]
+    slurm_profile = str(Path(__file__).parents[1] / "slurm" / "profiles" / "local.yaml")
     assert main(["run", str(spec), "--profile", "test", "--set", "finetune.optim.lr=0.001",
-                 *base]) == 0
+                 "--slurm-profile", slurm_profile, *base]) == 0
     assert "1 stage(s) submitted" in capsys.readouterr().out
-    for _ in range(2):
-        assert main(["run", str(spec), *base]) == 0
+    for extra in ([], ["--retry-failed"]):  # --retry-failed used to fall back to the default
+        assert main(["run", str(spec), *base, *extra]) == 0
         out, err = capsys.readouterr()
         assert "0 stage(s) submitted, 1 already done" in out
         assert "--profile test" in err and "--set finetune.optim.lr=0.001" in err
-        assert "--fresh" in err
+        assert f"--slurm-profile {slurm_profile}" in err and "--fresh" in err
     mem = json.loads((tmp_path / "wd" / "specs" / "tiny_one.json").read_text())
     assert mem["overrides"] == ["finetune.optim.lr=0.001"] and mem["profile"] == "test"
     # --fresh forgets them: the paper profile, whose data root is not here
