@@ -389,8 +389,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if executor == "slurm" and args.wait and (report.submitted or report.skipped_active):
         statuses = wait(plan, workdir, progress=not args.quiet)
     elif executor == "slurm" and report.submitted:
-        print(f"follow with: lxmert-bench status {' '.join(args.specs)}"
-              + (f" --workdir {args.workdir}" if args.workdir else ""))
+        where = " ".join(args.specs) + (f" --workdir {args.workdir}" if args.workdir else "")
+        print(f"follow with: lxmert-bench status {where}   (a stage's output: lxmert-bench logs "
+              f"{where} [VARIANT] [--stage KIND] [--task T])")
     if statuses is None:
         statuses = stage_statuses(plan, workdir)
     bad = {sid: s for sid, s in statuses.items() if s.state in NOT_FINISHED}

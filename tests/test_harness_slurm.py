@@ -118,6 +118,8 @@ def test_cancel_pretraining_orphans_finetunes_then_a_plain_rerun(tmp_path, capsy
     base = ["--profile", "test", "--executor", "slurm", "--workdir", str(workdir), "--quiet",
             "--no-report"] + [a for s in sets for a in ("--set", s)]
     assert main(["run", str(spec), *base]) == 0
+    out = capsys.readouterr().out
+    assert "follow with: lxmert-bench status" in out and "lxmert-bench logs" in out
     plan = make_plan(load_spec(spec, "test", sets), workdir)
     pre = next(s for s in plan.stages if s.startswith("pretrain/"))
     job = json.loads((RunDir(workdir, pre).path / "job.json").read_text())
