@@ -47,6 +47,10 @@ def _add_common(p: argparse.ArgumentParser, plan_args: bool = True) -> None:
                        help="override any config key, e.g. --set pretrain.optim.lr=5e-5 (repeatable)")
         p.add_argument("--slurm-profile", default=None,
                        help="resource profile in slurm/profiles/ (default: the scale profile's)")
+        p.add_argument("--only", action="append", default=None, metavar="KEY=VALUE",
+                       help="just part of the spec: variant=NAME, task=T, seed=S, kind=K or "
+                            "stage=ID (repeatable; all must hold), with what it needs; stage ids "
+                            "stay the same, so nothing is done twice")
         p.add_argument("--fresh", action="store_true",
                        help="ignore the options remembered from the spec's last run (profile, "
                             "--set, --slurm-profile); run remembers the new ones")
@@ -232,7 +236,13 @@ def _load(args: argparse.Namespace) -> tuple[list, Any, Path]:
         args.effective[spec.path] = {"profile": _profile_arg(spec.profile),
                                      "overrides": list(overrides or []), "slurm_profile": slurm}
         specs.append(spec)
-    return specs, make_plan(specs, workdir), workdir
+    plan = make_plan(specs, workdir)
+    if getattr(args, "only", None):
+        from lxmert_bench.plan import restrict
+
+        plan = restrict(plan, args.only)
+        _note(f"--only {' '.join(args.only)}: {len(plan.stages)} stage(s) of the plan")
+    return specs, plan, workdir
 
 
 def _profile_arg(profile) -> str:
@@ -399,7 +409,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {s.state}: {sid} {s.reason}".rstrip())
     if any(s.state == INTERRUPTED for s in bad.values()):
         print("interrupted stages resume from their last checkpoint: re-run the same command")
-    if not args.no_report:
+    if args.only and not args.no_report:
+        _note("no report for a selection (--only): `lxmert-bench report` writes the whole spec's")
+    elif not args.no_report:
         for spec in specs:
             _write_report(spec, plan, workdir, None, statuses)
     return EXIT_FAILED if bad or report.blocked else EXIT_OK

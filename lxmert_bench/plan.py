@@ -335,6 +335,31 @@ def match_stages(plan: Plan, selector: str) -> list[str]:
     return out
 
 
+def restrict(plan: Plan, only: list[str]) -> Plan:
+    """The part of ``plan`` a selection names (``--only KEY=VALUE``, all terms must hold; keys as
+    in :func:`match_stages`) plus every stage those need; stage ids are unchanged, so what runs
+    under a selection is shared with the whole spec's run."""
+    terms: dict[str, str] = {}
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in SELECTOR_KEYS:
+            raise SelectorError(f"--only {item!r}: expected KEY=VALUE with KEY one of "
+                                f"{', '.join(SELECTOR_KEYS)}")
+        terms[key.strip()] = value.strip()
+    keep = [st.stage_id for st in plan.ordered() if _matches(st, terms)]
+    if not keep:
+        raise SelectorError(f"--only {' '.join(only)}: names no stage of the plan "
+                            f"({len(plan.stages)} stages; see `lxmert-bench plan`)")
+    frontier = list(keep)
+    while frontier:  # what the selected stages start from
+        for dep in plan.stages[frontier.pop()].deps:
+            if dep not in keep:
+                keep.append(dep)
+                frontier.append(dep)
+    return Plan(specs=plan.specs, stages={sid: st for sid, st in plan.stages.items() if sid in keep},
+                entries=[e for e in plan.entries if e.finetune in keep])
+
+
 def _matches(st: Stage, terms: dict[str, str]) -> bool:
     c = st.config
     for key, value in terms.items():

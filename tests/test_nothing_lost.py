@@ -331,3 +331,35 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_only_runs_one_cell_and_shares_it_with_the_whole_spec(tmp_path, capsys, monkeypatch):
+    """Trying one thing (issue 14): --only selects cells and what they need; ids never change."""
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(tmp_path, """\
+        name: cells
+        variants:
+          P: {}
+          A: {pretrain.enabled: false}
+          B: {pretrain.enabled: false, finetune.optim.lr: 0.001}
+        tasks: [nlvr2, vqa]
+        seeds: [0]
+        """, "cells.yaml")
+    wd = ["--workdir", str(tmp_path / "wd")]
+    assert main(["plan", str(spec), "--profile", "test", *wd, "--json"]) == 0
+    full = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["stages"]}
+    assert main(["plan", str(spec), "--profile", "test", *wd, "--json", "--only", "variant=P",
+                 "--only", "task=nlvr2"]) == 0
+    part = json.loads(capsys.readouterr().out)["stages"]
+    assert sorted(r["kind"] for r in part) == ["finetune", "pretrain"]  # with what it needs
+    assert all(r["stage"] in full for r in part)  # the same stage ids as the whole spec's
+    assert main(["run", str(spec), "--profile", "test", *wd, "--quiet", "--only", "variant=B",
+                 "--only", "task=nlvr2"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 stage(s) submitted" in out and "no report for a selection" in err
+    assert not (tmp_path / "results").exists()
+    assert main(["plan", str(spec), *wd, "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts == {"done": 1, "to run": len(full) - 1}
+    _bad(capsys, ["plan", str(spec), *wd, "--only", "variant=Nope"], "names no stage")
+    _bad(capsys, ["plan", str(spec), *wd, "--only", "colour=red"], "KEY one of")
