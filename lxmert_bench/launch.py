@@ -34,13 +34,7 @@ import submitit
 import yaml
 
 from lxmert_bench.io import atomic_write_json, read_json
-from lxmert_bench.owner import (
-    HOST,
-    pid_alive,
-    process_start_time,
-    remove_dead_temporaries,
-    temp_name,
-)
+from lxmert_bench.owner import HOST, process_start_time, publish_directory, same_process
 from lxmert_bench.plan import Plan, Stage
 from lxmert_bench.progress import StageProgress, stage_label
 from lxmert_bench.store import (
@@ -154,7 +148,7 @@ def watch_launcher(pid: int, start_time: int | None, poll_s: float = 1.0) -> Non
     import threading
 
     def watch() -> None:
-        while pid_alive(pid) and process_start_time(pid) == start_time:
+        while same_process(pid, start_time):
             time.sleep(poll_s)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -693,8 +687,7 @@ def launcher_alive(record: dict[str, Any] | None) -> bool:
     launcher = (record or {}).get("launcher")
     if not launcher or launcher.get("host") != HOST:
         return False
-    pid = int(launcher.get("pid", 0))
-    return pid_alive(pid) and process_start_time(pid) == launcher.get("start_time")
+    return same_process(int(launcher.get("pid", 0)), launcher.get("start_time"))
 
 
 def stage_statuses(plan: Plan, workdir: str | Path, query_scheduler: bool = True) -> dict[str, StageStatus]:
@@ -896,22 +889,14 @@ def snapshot_code(workdir: Path) -> tuple[Path, dict[str, Any]]:
     prov = {k: v for k, v in code_provenance().items() if k != "path"}
     target = workdir / "code" / str(prov["source_hash"])
     if not (target / "lxmert_bench" / SNAPSHOT_RECORD).is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_temporaries(target)
-        tmp = target.parent / temp_name(target.name)
-        try:
+        def fill(tmp: Path) -> None:
             for f in source_files():
                 dest = tmp / "lxmert_bench" / f.relative_to(PACKAGE)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, dest)
             atomic_write_json(tmp / "lxmert_bench" / SNAPSHOT_RECORD, prov)
-            if target.exists():  # the same sources, made by another launcher meanwhile
-                shutil.rmtree(tmp)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        publish_directory(target, fill)  # False: the same sources, published by another launcher
     return target, prov
 
 

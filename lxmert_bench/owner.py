@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 HOST = socket.gethostname()
@@ -58,3 +59,34 @@ def remove_dead_temporaries(target: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def same_process(pid: int, start_time: int | None) -> bool:
+    """Whether ``pid`` on this host is still the process that had ``start_time``."""
+    return pid_alive(pid) and process_start_time(pid) == start_time
+
+
+def publish_directory(target: Path, fill: Callable[[Path], None]) -> bool:
+    """Build a directory in a temporary sibling owned by this process (:func:`temp_name`) with
+    ``fill(tmp)``, then rename it to ``target``, so no reader sees half of it. Temporaries of dead
+    owners are removed first; on failure (a full disk, a signal) this one is removed too.
+
+    An empty ``target`` is replaced; one that another process published meanwhile wins and this
+    copy is dropped (returns False). Callers check beforehand that ``target`` holds no one else's
+    files, so nothing of anyone's is removed: ``rmdir`` fails rather than remove a file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(target)
+    tmp = target.parent / temp_name(target.name)
+    try:
+        fill(tmp)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if target.exists():
+            shutil.rmtree(tmp)
+            return False
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -39,7 +37,7 @@ import numpy as np
 
 from lxmert_bench.data.answers import convert_ans
 from lxmert_bench.data.features import write_obj_tsv
-from lxmert_bench.owner import remove_dead_temporaries, temp_name
+from lxmert_bench.owner import publish_directory
 
 GENERATOR_VERSION = "2"  # bump when the generated files change: it enters the data fingerprint
 VOCAB_SIZE = 1024
@@ -851,16 +849,13 @@ def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bo
                 raise DataRootError(problem)
             if (root / MARKER).is_file():
                 return False
-            remove_dead_temporaries(root)
-            tmp = root.parent / temp_name(root.name)
-            try:
-                generate_synthetic(tmp, images, seed, progress=progress)
-            except BaseException:  # e.g. a full disk: leave nothing half-written behind
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if root.exists():
-                root.rmdir()  # empty (checked above under the lock); fails rather than remove files
-            os.rename(tmp, root)
+            if not publish_directory(root, lambda tmp: generate_synthetic(tmp, images, seed,
+                                                                          progress=progress)):
+                # someone wrote into it meanwhile, bypassing the lock: theirs stays, and is judged
+                problem = synthetic_root_problem(root, images, seed)
+                if problem:
+                    raise DataRootError(problem)
+                return False
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return True
