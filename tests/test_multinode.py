@@ -7,8 +7,10 @@ submitit's Slurm executor and the harness's StageJob:
   (on the one-node cluster, ``slurm/start.sh``);
 - ``scancel --signal=USR2``: both ranks write last.pt at a step boundary, the job is requeued and
   resumes on both nodes right after that step;
-- a node that dies (its slurmd killed): Slurm marks it DOWN after SlurmdTimeout (15 s on the test
-  cluster), requeues the job, and once the node is back it resumes from the last checkpoint.
+- a node that dies (every process on lxmert-n2 frozen with SIGSTOP, so nothing there answers or
+  makes progress, then killed as by a reboot): Slurm marks it DOWN after SlurmdTimeout (15 s on
+  the test cluster), requeues the job, and once the node is back it resumes from the last
+  checkpoint.
 
 Both clusters must be up; CI sets LXMERT_BENCH_REQUIRE_SLURM_2N=1 so these fail rather than skip.
 """
@@ -44,7 +46,7 @@ from lxmert_bench.train.stages import ensure_data
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 600  # long enough that a dead node is noticed (SlurmdTimeout=15) before the end
+STEPS = 600  # long enough to stop (USR2, a dead node) in the middle
 CHECKPOINT_EVERY = 25
 TWO_NODE_BASE = Path(TWO_NODE_CONF).parents[1]
 DIST_LINE = re.compile(r"\[distributed\] rank (\d)/2 \(local 0\) on (\S+): gloo, "
@@ -138,10 +140,23 @@ def test_two_node_usr2_checkpoints_both_ranks_and_resumes_on_both_nodes(
     assert_same_weights(run, ref)
 
 
-def _slurmd_n2_pid() -> int:
-    pid = int((TWO_NODE_BASE / "run" / "slurmd-lxmert-n2.pid").read_text().strip())
-    assert Path(f"/proc/{pid}/comm").read_text().strip() == "slurmd"
-    return pid
+def _node2_pids() -> list[int]:
+    """Every process of node lxmert-n2: its slurmd, slurmstepd and rank-1 task all live in the
+    node's network namespace."""
+    out = subprocess.run(["ip", "netns", "pids", "lxmert-n2"], capture_output=True, text=True,
+                         check=True).stdout
+    pids = [int(p) for p in out.split()]
+    slurmd = int((TWO_NODE_BASE / "run" / "slurmd-lxmert-n2.pid").read_text().strip())
+    assert slurmd in pids, (slurmd, pids)
+    return pids
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def test_dead_node_requeues_the_job_which_resumes_from_the_last_checkpoint(
@@ -151,7 +166,10 @@ def test_dead_node_requeues_the_job_which_resumes_from_the_last_checkpoint(
     with using_cluster(TWO_NODE_CONF):
         job, run = submit_stage(TWO_NODE_CONF, tmp_path, cfg, nodes=2, tasks_per_node=1)
         killed_at = wait_for_step(job, run, 60)
-        os.kill(_slurmd_n2_pid(), signal.SIGKILL)  # node lxmert-n2 stops answering
+        # the node dies: nothing on it answers or runs on (killing only slurmd left the ranks
+        # running, and a fast machine finished the job before Slurm noticed the node)
+        frozen = _node2_pids()
+        _signal_all(frozen, signal.SIGSTOP)
         killed = time.time()
         try:
             # Slurm notices within SlurmdTimeout (15 s), ends the job's run with NODE_FAIL and
@@ -164,14 +182,16 @@ def test_dead_node_requeues_the_job_which_resumes_from_the_last_checkpoint(
                 time.sleep(1)
             assert "State=DOWN" in state, state
             detected = time.time() - killed
-        finally:  # bring the node back (start.sh restarts the missing slurmd only)
+        finally:  # the node reboots: its processes are gone, start.sh restarts its slurmd only
+            _signal_all(frozen, signal.SIGKILL)
+            _signal_all(frozen, signal.SIGCONT)
             up = subprocess.run(["bash", str(REPO / "slurm" / "start.sh"), "--nodes", "2"],
                                 capture_output=True, text=True, timeout=120)
             assert up.returncode == 0, up.stdout + up.stderr
         # not job.result(): submitit takes the NODE_FAIL record for the end (the requeued run is
         # another record under the same id); the accounting shows when the requeued run is done
         history = accounting_history(job.job_id, timeout=300)
-    print(f"dead node: DOWN {detected:.1f} s after its slurmd was killed; run with the requeue "
+    print(f"dead node: DOWN {detected:.1f} s after it froze; run with the requeue "
           f"{time.time() - t0:.1f} s")
     assert history[0] == "NODE_FAIL" and history[-1] == "COMPLETED", history
     text0 = stderr_text(job, 0)
