@@ -34,20 +34,60 @@ def provenance(default: Any) -> Any:
 
 
 def added_later(default: Any, *, legacy: Any = dataclasses.MISSING,
-                applies: Callable[[Any], bool] | None = None) -> Any:
+                applies: Callable[[Any], bool] | None = None,
+                switch: tuple[Switch, ...] = ()) -> Any:
     """A result-changing field added after stages were run: hashed only away from its default.
 
     ``legacy``: the value that gives what stages computed before the field existed, when that is
     not the default (a default that corrects old behaviour); the field is then hashed unless it is
     ``legacy``, so old stages keep their hashes and the new behaviour gets new ones.
     ``applies(section)``: False where the field has no effect, and it stays out of the hash.
+    ``switch``: where the field is a paper-vs-code switch (see :class:`Switch`).
     """
     meta: dict[str, Any] = dict(ADDED_LATER)
     if legacy is not dataclasses.MISSING:
         meta["legacy"] = legacy
     if applies is not None:
         meta["applies"] = applies
+    if switch:
+        meta[SWITCH] = switch
     return field(default=default, metadata=meta)
+
+
+# --- Where the paper and the official code disagree (LXMERT_FACTS.md §9) -------------------------
+# Declared once, in the metadata of the field that switches it; the report's list
+# (report/render.py SWITCHES) and the README's table are derived from these declarations.
+SWITCH = "paper_vs_code"
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One difference between the paper and the official code, and the config key that picks.
+
+    ``key`` is the dotted key as specs write it ('finetune.gqa.loss' reads the fine-tuning config
+    of that task; 'bert_layers' is whichever stage takes BERT weights); ``code`` is the official
+    code's value, which is the default; ``facts`` names the row of LXMERT_FACTS.md §9 (None: a
+    difference that table does not list); ``values`` says what the values mean (README)."""
+
+    key: str | None
+    what: str
+    paper: Any
+    code: Any
+    facts: str | None = None
+    values: str = ""
+
+
+def paper_vs_code(default: Any, *switches: Switch) -> Any:
+    """A field (always in the identity) that is a paper-vs-code switch."""
+    return field(default=default, metadata={SWITCH: switches})
+
+
+# Differences with no switch: the harness follows the official code only.
+FIXED_DIFFERENCES: tuple[Switch, ...] = (
+    Switch(None, "text embedding", "word + position", "word + position + token type (all type 0)",
+           facts="text embedding",
+           values="no switch: the token-type embedding of the official code (and of HF) is kept"),
+)
 
 
 StageKind = Literal["bert", "pretrain", "finetune"]
@@ -68,6 +108,9 @@ class DataConfig:
     synthetic: bool = False  # generate the synthetic benchmark into root when it is missing
     synthetic_images: int = 600
     synthetic_seed: int = 0
+    # Which synthetic generator (data/synthetic.py DESIGNS): "v1" the original one (2048-d
+    # features, Visual Genome label ids); "compact" small features and label ids, for the demo.
+    synthetic_design: Literal["v1", "compact"] = added_later("v1")
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the memory-mapped store
     max_seq_length: int = 20
     image_limit: int | None = None  # like the official --tiny / --fast: first N images per split
@@ -95,6 +138,12 @@ class BertConfig:
     word_mask_rate: float = 0.15
 
 
+# Both stages that can start from BERT (pretraining, or fine-tuning without it) read it.
+BERT_LAYERS = Switch("bert_layers", "BERT layers used for initialisation", "top", "bottom",
+                     facts="BERT-init ablation", values="bottom: layers 0-8 (official "
+                     "from_pretrained) | top: the top 9 (paper footnote); pretrain.bert_layers")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     # the five tasks (LXMERT_FACTS.md §2); each switchable
@@ -105,26 +154,50 @@ class PretrainConfig:
     # Fraction of the pretraining epochs run WITHOUT the QA loss, so it scales with any schedule:
     # 0.0 = QA from the start (GitHub version); 0.5 = the paper's P10+QA10 (QA from epoch 10 of 20).
     # The QA loss is on from epoch index round(qa_start * epochs) (0-based).
-    qa_start: float = 0.0
-    qa_weight: float = 1.0  # official older code: x2 once QA is on
+    qa_start: float = paper_vs_code(0.0, Switch(
+        "pretrain.qa_start", "image-QA loss from (fraction of epochs)", 0.5, 0.0,
+        facts="QA pretraining", values="0 = QA throughout (GitHub code); 0.5 = P10+QA10 (paper)"))
+    qa_weight: float = paper_vs_code(1.0, Switch(
+        "pretrain.qa_weight", "image-QA loss weight once it is on", 1.0, 1.0,
+        facts="QA pretraining", values="1 (paper, GitHub code); 2 with qa_start 0.5 = the earlier "
+        "official code (x0, then x2)"))
     word_mask_rate: float = 0.15
     obj_mask_rate: float = 0.15
-    obj_mask_mode: Literal["official", "zero"] = "official"  # 80/10/10 vs the paper's zero-only
-    feat_loss: Literal["smooth_l1", "l2"] = "smooth_l1"  # code vs paper
-    label_targets: Literal["all_confidence", "masked"] = "all_confidence"  # code vs paper
-    visual_loss_weight: float = 1 / 0.15
+    obj_mask_mode: Literal["official", "zero"] = paper_vs_code("official", Switch(
+        "pretrain.obj_mask_mode", "object masking", "zero", "official", facts="object masking",
+        values="official: 80 % zeroed / 10 % a random feature / 10 % kept | zero: zeroed only"))
+    feat_loss: Literal["smooth_l1", "l2"] = paper_vs_code("smooth_l1", Switch(
+        "pretrain.feat_loss", "RoI-feature regression loss", "l2", "smooth_l1",
+        facts="feature regression loss", values="smooth_l1 | l2"))
+    label_targets: Literal["all_confidence", "masked"] = paper_vs_code("all_confidence", Switch(
+        "pretrain.label_targets", "label classification targets", "masked", "all_confidence",
+        facts="label classification", values="all_confidence: every box, weighted by the "
+        "detector's confidence | masked: masked boxes only"))
+    # The official constant whatever obj_mask_rate is (plan notes a changed rate with this kept).
+    visual_loss_weight: float = paper_vs_code(1 / 0.15, Switch(
+        "pretrain.visual_loss_weight", "visual loss weight", 1.0, round(1 / 0.15, 4),
+        facts="loss weights", values="1/0.15 (code) | 1 (paper's equal weights)"))
     # Inputs of the MLM / object tasks when they are off: "official" masks words and objects all
     # the same (the official code always does; no loss is taken), "none" leaves them as they are
     # (what stages planned before this field did, so "none" keeps their hashes).
     mask_inactive: Literal["official", "none"] = added_later(
-        "official", legacy="none", applies=lambda p: not (p.mask_lm and p.visual_losses))
+        "official", legacy="none", applies=lambda p: not (p.mask_lm and p.visual_losses),
+        switch=(Switch("pretrain.mask_inactive", "masked inputs when the MLM or object tasks are off",
+                       "not stated", "official",
+                       values="official: words and objects are masked even when the MLM task or "
+                       "every visual loss is off, only no loss is taken | none: inputs of tasks "
+                       "that are off stay unmasked (what such stages did before the switch)"),))
     # initialisation: "scratch" (paper default) or "bert" (from the BERT stage or a checkpoint)
     init: Literal["scratch", "bert"] = "scratch"
     bert_checkpoint: str | None = None  # HF BERT checkpoint; None with init=bert: the BERT stage
-    bert_layers: Literal["bottom", "top"] = "bottom"  # official code vs paper footnote
+    bert_layers: Literal["bottom", "top"] = paper_vs_code("bottom", BERT_LAYERS)
     train_splits: tuple[str, ...] = ("mscoco_train", "mscoco_nominival", "vgnococo")
     valid_split: str = "mscoco_minival"
     optim: OptimConfig = OptimConfig()
+    # false: no pretraining stage; fine-tuning starts from scratch or, with init=bert, from BERT
+    # (Table 3's rows). A planner choice: a pretraining stage always has it true, so it never
+    # enters a hash.
+    enabled: bool = added_later(True)
 
 
 @dataclass(frozen=True)
@@ -133,11 +206,17 @@ class FinetuneConfig:
     train_splits: tuple[str, ...] = ("train", "nominival")
     valid_split: str = "minival"
     load_qa_head: bool = True  # official --loadLXMERTQA (VQA, GQA)
-    loss: Literal["bce", "ce"] = "bce"  # GQA: official BCE, --mceLoss gives CE
+    loss: Literal["bce", "ce"] = paper_vs_code(
+        "bce",
+        Switch("finetune.nlvr2.loss", "NLVR² head loss", "bce", "ce", facts="NLVR² head",
+               values="ce only: the paper's sigmoid + BCE head is not built (a spec asking for "
+               "bce is refused)"),
+        Switch("finetune.gqa.loss", "GQA fine-tuning loss", "not stated", "bce",
+               facts="GQA fine-tuning loss", values="bce (official) | ce (official --mceLoss)"))
     data_augmentation: bool = False  # Table 4 "DA": add the other QA sets' questions
     # Starting weights when init_from names a BERT stage, or when there is no init_from and
     # init_checkpoint names a BERT / LXMERT checkpoint file (loaded with model.load_weights).
-    bert_layers: Literal["bottom", "top"] = "bottom"  # official code vs paper footnote
+    bert_layers: Literal["bottom", "top"] = paper_vs_code("bottom", BERT_LAYERS)
     init_checkpoint: str | None = None
     optim: OptimConfig = OptimConfig(lr=5e-5, batch_size=32, epochs=4, warmup=0.1, grad_clip=5.0)
 
@@ -247,31 +326,116 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def from_dict(cls: type, d: dict[str, Any], path: str = "") -> Any:
-    """Build a (nested) frozen dataclass from plain data, with errors that name the key path."""
+def from_dict(cls: type, d: dict[str, Any], path: str = "", *, check: bool = False) -> Any:
+    """Build a (nested) frozen dataclass from plain data, with errors that name the key path.
+
+    ``check``: also check each value against its field's type (see :func:`convert`)."""
     if not isinstance(d, dict):
-        raise TypeError(f"{path or cls.__name__}: expected a mapping, got {type(d).__name__}")
+        raise ConfigTypeError(f"{path or cls.__name__}: expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise KeyError(f"{path or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in d.items()}
+    kwargs = {k: convert(hints[k], v, f"{path}.{k}" if path else k, check=check)
+              for k, v in d.items()}
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+class ConfigTypeError(TypeError):
+    """A value that does not fit its field's type; the message names the key path."""
+
+
+def convert(tp: Any, value: Any, path: str = "", *, check: bool = True) -> Any:
+    """``value`` as a field of type ``tp`` holds it: the one walker over config types, for
+    config.json (``check=False``: the structure only, nested dataclasses and tuples, values kept
+    exactly as written so their hashes stay) and for spec overrides (``check=True``: types and
+    Literal values checked, ints given for floats made floats, a lone string for a list made a
+    one-item list). Raises :class:`ConfigTypeError` naming ``path``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def refuse() -> ConfigTypeError:
+        return ConfigTypeError(f"{path}: expected {type_name(tp)}, got {value!r}")
+
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
+        if value is None:
+            if type(None) in args or not check:
+                return None
+            raise refuse()
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path) if len(inner) == 1 else value
+        if len(inner) == 1:
+            return convert(inner[0], value, path, check=check)
+        for a in inner:
+            try:
+                return convert(a, value, path, check=check)
+            except (ConfigTypeError, KeyError):
+                continue
+        raise refuse()
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
+        if check and not isinstance(value, dict):
+            raise refuse()
+        return from_dict(tp, value, path, check=check)
     if origin is tuple:
+        if check and isinstance(value, str):
+            value = [value]
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{path}: expected a list, got {type(value).__name__}")
-        return tuple(value)
+            raise ConfigTypeError(f"{path}: expected a list, got {type(value).__name__}")
+        inner = args[0] if args and args[0] is not Ellipsis else Any
+        return tuple(convert(inner, v, f"{path}[{i}]", check=check) for i, v in enumerate(value))
+    if not check:
+        return value
+    if origin is typing.Literal:
+        if value not in args:
+            raise refuse()
+        return value
+    if tp is bool and not isinstance(value, bool):
+        raise refuse()
+    if tp is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise refuse()
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise refuse()
+        return float(value)
+    if tp is str and not isinstance(value, str):
+        raise refuse()
     return value
+
+
+def type_name(tp: Any) -> str:
+    """A type as a message says it ('one of 'l2', 'smooth_l1'', 'an integer or null')."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Every leaf field of a (nested) config dataclass: dotted key -> (type, field)."""
+    out: dict[str, tuple[Any, dataclasses.Field]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        section = inner[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) \
+            and len(inner) == 1 else tp
+        if dataclasses.is_dataclass(section):
+            out.update(leaf_fields(section, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (tp, f)
+    return out
+
+
+def switches() -> tuple[Switch, ...]:
+    """Every paper-vs-code switch declared on a config field, in field order, each once."""
+    found: dict[str, Switch] = {}
+    for _tp, f in leaf_fields(RunConfig).values():
+        for sw in f.metadata.get(SWITCH, ()):
+            found.setdefault(sw.key, sw)
+    return tuple(found.values())

@@ -155,8 +155,8 @@ def data_fingerprint(data: DataConfig, needs: list[tuple[str, str]]) -> str:
 def data_needs(settings: dict[str, Any], tasks: tuple[str, ...]) -> list[tuple[str, str]]:
     """(dataset, split) pairs the stages of one variant read."""
     needs: list[tuple[str, str]] = []
-    if settings.get("pretrain.enabled", True) or settings.get("pretrain.init") == "bert":
-        p = apply(PretrainConfig(), _split(settings, "pretrain."))
+    p = apply(PretrainConfig(), _split(settings, "pretrain."))
+    if p.enabled or p.init == "bert":
         needs += [("lxmert", s) for s in (*p.train_splits, p.valid_split)]
     for task in tasks:
         ft = _finetune_config(settings, task)
@@ -189,9 +189,7 @@ def variant_stages(
     run = {k: v for k, v in _split(s, "run.").items()}
     common = dict(model=model, data=data, code_version=version, **run)
 
-    pretrain_settings = _split(s, "pretrain.")
-    enabled = pretrain_settings.pop("enabled", True)
-    pretrain = apply(PretrainConfig(), pretrain_settings)
+    pretrain = apply(PretrainConfig(), _split(s, "pretrain."))
     stages: list[Stage] = []
 
     bert_stage: Stage | None = None
@@ -206,7 +204,7 @@ def variant_stages(
         stages.append(bert_stage)
 
     pre_stage: Stage | None = None
-    if enabled:
+    if pretrain.enabled:
         pre_seed = seed if spec.seed_pretraining else PRETRAIN_SEED
         pre_stage = Stage(
             RunConfig(kind="pretrain", seed=pre_seed, pretrain=pretrain,

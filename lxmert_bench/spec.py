@@ -9,11 +9,8 @@ Override precedence, lowest first: the paper's defaults < profile < spec ``base`
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +21,11 @@ from lxmert_bench.config import (
     TASK_DEFAULTS,
     TASKS,
     VISUAL_LOSSES,
-    BertConfig,
-    DataConfig,
-    FinetuneConfig,
-    PretrainConfig,
+    ConfigTypeError,
     RunConfig,
+    convert,
+    leaf_fields,
+    type_name,
 )
 from lxmert_bench.model.config import PRESETS, LxmertConfig
 
@@ -161,86 +158,32 @@ class _Where:
 # --------------------------------------------------------------------------------------------
 # The override schema: every dotted key a spec may set, with its type
 # --------------------------------------------------------------------------------------------
-def _dataclass_keys(cls: type, prefix: str) -> dict[str, Any]:
-    keys: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys.update(_dataclass_keys(tp, f"{prefix}{f.name}."))
-        else:
-            keys[f"{prefix}{f.name}"] = tp
-    return keys
-
-
 def _build_schema() -> dict[str, Any]:
     schema: dict[str, Any] = {"model.preset": str}
-    schema.update(_dataclass_keys(LxmertConfig, "model."))
-    data = _dataclass_keys(DataConfig, "data.")
-    data.pop("data.fingerprint")
-    schema.update(data)
-    schema.update(_dataclass_keys(BertConfig, "bert."))
-    schema["pretrain.enabled"] = bool
-    schema.update(_dataclass_keys(PretrainConfig, "pretrain."))
-    finetune = _dataclass_keys(FinetuneConfig, "")
-    finetune.pop("task")
-    for k, tp in finetune.items():
-        schema[f"finetune.{k}"] = tp
-        for task in TASKS:
-            schema[f"finetune.{task}.{k}"] = tp
+    fields = leaf_fields(RunConfig)
+    for key, (tp, _f) in fields.items():
+        if key.split(".")[0] in ("model", "data", "bert", "pretrain"):
+            schema[key] = tp
+    schema.pop("data.fingerprint")  # filled in by the planner
+    for key, (tp, _f) in fields.items():
+        if key.startswith("finetune.") and key != "finetune.task":
+            schema[key] = tp
+            for task in TASKS:
+                schema[key.replace("finetune.", f"finetune.{task}.", 1)] = tp
     for k in ("log_every", "checkpoint_every", "eval_every_epoch", "device", "precision"):
-        schema[f"run.{k}"] = typing.get_type_hints(RunConfig)[k]
+        schema[f"run.{k}"] = fields[k][0]
     return schema
 
 
 SCHEMA: dict[str, Any] = _build_schema()
 
 
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is tuple:
-        return "a list"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
 def _check_type(tp: Any, value: Any) -> tuple[bool, Any]:
-    """(ok, normalised value) for a value against a schema type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return type(None) in args, None
-        for a in args:
-            if a is not type(None):
-                ok, v = _check_type(a, value)
-                if ok:
-                    return True, v
+    """(ok, normalised value) for a value against a schema type (config.convert's checks)."""
+    try:
+        return True, convert(tp, value)
+    except (ConfigTypeError, KeyError):
         return False, value
-    if origin is typing.Literal:
-        return value in args, value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        inner = args[0] if args else Any
-        ok = all(_check_type(inner, v)[0] for v in value) if inner is not Any else True
-        return ok, tuple(value)
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    return True, value
 
 
 def _check_value(key: str, value: Any) -> str | None:
@@ -307,7 +250,7 @@ def validate_overrides(
         ok, norm = _check_type(SCHEMA[key], value)
         if not ok:
             problems.append(
-                f"{loc}: {label}.{key}: expected {_type_name(SCHEMA[key])}, got {value!r}"
+                f"{loc}: {label}.{key}: expected {type_name(SCHEMA[key])}, got {value!r}"
             )
             continue
         bad = _check_value(key, norm) if norm is not None else None
@@ -616,8 +559,6 @@ def _check_consistency(spec: Spec, where: _Where, problems: list[str]) -> None:
         if hidden % heads:
             problems.append(f"{loc}: variant {v.name!r}: model.hidden_size {hidden} is not divisible "
                             f"by model.num_attention_heads {heads}")
-        if s.get("pretrain.init", "scratch") == "bert" and not s.get("pretrain.enabled", True):
-            pass  # 'Train + BERT': the BERT stage initialises fine-tuning directly
         for task in spec.tasks:
             ft = TASK_DEFAULTS[task]
             loss = s.get(f"finetune.{task}.loss", s.get("finetune.loss", ft.loss))
