@@ -42,10 +42,11 @@ from lxmert_bench.owner import HOST
 
 # The one vocabulary of stage states (module docstring).
 TO_RUN, QUEUED, RUNNING, DONE = "to run", "queued", "running", "done"
-INTERRUPTED, FAILED, ORPHANED, CANCELLED = "interrupted", "failed", "orphaned", "cancelled"
+INTERRUPTED, FAILED, ORPHANED = "interrupted", "failed", "orphaned"
 PENDING = TO_RUN  # on disk: configured, never started
 ACTIVE = (QUEUED, RUNNING)
-STATES = (TO_RUN, QUEUED, RUNNING, DONE, INTERRUPTED, FAILED, ORPHANED, CANCELLED)
+STATES = (TO_RUN, QUEUED, RUNNING, DONE, INTERRUPTED, FAILED, ORPHANED)
+NOT_DONE_WORST_FIRST = (FAILED, ORPHANED, INTERRUPTED, RUNNING, QUEUED, TO_RUN)  # for summaries
 
 
 class StageBusy(RuntimeError):
@@ -72,6 +73,14 @@ class RunDir:
         self.workdir = Path(workdir)
         self.stage_id = stage_id
         self.path = self.workdir / "runs" / stage_id
+
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> RunDir:
+        """The run directory at ``path`` (normally ``<workdir>/runs/<kind>/<hash>``)."""
+        path = Path(path)
+        run_dir = cls(path.parent.parent.parent, f"{path.parent.name}/{path.name}")
+        run_dir.path = path  # kept as given, wherever it is
+        return run_dir
 
     # file paths
     @property

@@ -40,6 +40,7 @@ from lxmert_bench.report.significance import (
     paired_t_test,
 )
 from lxmert_bench.report.tables import Summary, detail_tables, main_table
+from lxmert_bench.store import RunDir
 
 SYNTHETIC_FP = "synthetic-v1-600-0"
 VISUAL = {"No Vision Tasks": [], "Feat": ["feat"], "Label": ["obj", "attr"],
@@ -157,7 +158,7 @@ CELLS: dict[tuple[str, str], list[tuple[int, str, float | None]]] = {
     ("Feat", "vqa"): [(0, "done", 69.0), (1, "done", 69.5), (2, "running", None)],
     ("Feat", "nlvr2"): [(0, "done", 76.0), (1, "done", 76.5), (2, "done", 77.0)],
     # nothing started yet on VQA; done elsewhere
-    ("No Vision Tasks", "vqa"): [(0, "pending", None), (1, "pending", None), (2, "pending", None)],
+    ("No Vision Tasks", "vqa"): [(0, "to run", None), (1, "to run", None), (2, "to run", None)],
     ("No Vision Tasks", "gqa"): [(0, "done", 57.0), (1, "done", 57.5), (2, "done", 56.5)],
     ("No Vision Tasks", "nlvr2"): [(0, "done", 51.0), (1, "done", 50.5), (2, "done", 50.0)],
 }
@@ -298,14 +299,18 @@ def test_collect_reads_state_from_disk_and_never_trusts_done_without_result(tmp_
     done = write_finetune(tmp_path, "Feat", "vqa", 0, "done", 68.0, pre)
     running = write_finetune(tmp_path, "Feat", "vqa", 1, "running", None, pre)
     failed = write_finetune(tmp_path, "Feat", "vqa", 2, "failed", None, pre)
-    pending = write_finetune(tmp_path, "Feat", "vqa", 3, "pending", None, pre)
+    pending = write_finetune(tmp_path, "Feat", "vqa", 3, "to run", None, pre)
     entries = [ReportEntry("Feat", i, "vqa", s, pre) for i, s in enumerate((done, running, failed, pending))]
     entries.append(ReportEntry("Feat", 4, "vqa", "finetune/000000000000", pre, state="done"))
-    frame = collect(entries, tmp_path)
+    with RunDir(tmp_path, running).execution_lock():  # a live process executes seed 1
+        frame = collect(entries, tmp_path)
     states = frame[frame["kind"] == "finetune"].drop_duplicates("stage").set_index("seed")["state"]
-    assert states.to_dict() == {0: "done", 1: "running", 2: "failed", 3: "pending", 4: "missing"}
-    missing = frame[frame["state"] == "missing"].iloc[0]
-    assert "result.json: not found" in missing["error"]
+    assert states.to_dict() == {0: "done", 1: "running", 2: "failed", 3: "to run", 4: "failed"}
+    missing = frame[frame["seed"] == 4].iloc[0]
+    assert "result.json: not found, though the run was said to be done" in missing["error"]
+    # the same run directories without the lock: started, nobody runs it, no error: interrupted
+    again = collect(entries, tmp_path)
+    assert again[again["seed"] == 1].iloc[0]["state"] == "interrupted"
 
 
 def test_collect_errors_name_the_file_and_key(tmp_path):
@@ -359,7 +364,7 @@ def test_curves_and_configs(table5):
     curves = read_curves(entries, workdir)
     ft = curves[(curves["kind"] == "finetune") & (curves["series"] == "loss")]
     # done, running and failed runs logged 6 training lines each; pending ones nothing
-    logged = sum(1 for runs in CELLS.values() for _s, st, _a in runs if st != "pending")
+    logged = sum(1 for runs in CELLS.values() for _s, st, _a in runs if st != "to run")
     assert len(ft) == 6 * logged
     pre = curves[(curves["kind"] == "pretrain") & (curves["variant"] == "Feat")]
     assert set(pre["series"]) == {"loss", "loss/mlm", "loss/matched", "loss/qa", "loss/feat"}
@@ -400,7 +405,7 @@ def test_partial_results_say_their_state(frame):
     [table] = parse_tables(main_table(Summary(frame), SPEC))
     assert cell(table, "Feat", "VQA ↑") == "69.25 ± 0.35 (n=2) · running (2/3 done)"
     assert cell(table, "Feat", "GQA ↑") == "— (no runs)"
-    assert cell(table, "No Vision Tasks", "VQA ↑") == "pending (0/3 done)"
+    assert cell(table, "No Vision Tasks", "VQA ↑") == "to run (0/3 done)"
     assert cell(table, "Label", "NLVR² ↑") == "60.50 ± 0.71 (n=2) · failed (2/3 done)"
 
 
@@ -533,7 +538,7 @@ def test_write_report(report, table5):
     assert len(sig) == 1 + 3 * len(SPEC.tasks)
     not_done = next(t for t in tables if t[0][-1] == "Error")
     states = sorted(r[3] for r in not_done[1:])
-    assert states == ["failed", "pending", "pending", "pending", "running"]
+    assert states == ["failed", "running", "to run", "to run", "to run"]
     # plots embedded by relative link, all present; no temporary directory left behind
     links = [line[line.index("(") + 1:-1] for line in text.splitlines() if line.startswith("![")]
     assert len(links) == 5 and all((out / name).is_file() for name in links)
@@ -653,7 +658,7 @@ def test_table3_from_the_real_plan_with_bert_stage_and_rows_without_pretraining(
 def test_report_before_anything_finished(tmp_path):
     """Only planned runs (config.json, nothing else): the report already says synthetic and
     pending; with no runs at all it says so instead of inventing anything."""
-    stage = write_finetune(tmp_path, "Feat", "vqa", 0, "pending")
+    stage = write_finetune(tmp_path, "Feat", "vqa", 0, "to run")
     spec = ReportSpec("s", "S", ["Feat", "Label"], ["vqa"], "table5", "Feat", "demo")
     entries = [ReportEntry("Feat", 0, "vqa", stage)]
     frame = collect(entries, tmp_path)
@@ -661,7 +666,7 @@ def test_report_before_anything_finished(tmp_path):
                            compare_to_reference(frame, spec), [])
     assert "NOT THE PAPER'S NUMBERS" in text and f"fingerprint `{SYNTHETIC_FP}`" in text
     [main] = [t for t in parse_tables(text) if t[0][1] == "VQA ↑"]
-    assert cell(main, "Feat (ref.)", "VQA ↑") == "pending (0/1 done)"
+    assert cell(main, "Feat (ref.)", "VQA ↑") == "to run (0/1 done)"
     assert cell(main, "Label", "VQA ↑") == "— (no runs)" and cell(main, "Label", "VQA paper") == "69.5"
     out = write_report(ReportSpec("e", "E", ["A"], ["gqa"]), [], tmp_path, tmp_path / "empty")
     empty = out.read_text()

@@ -21,11 +21,11 @@ from typing import Any
 
 import pandas as pd
 
+from lxmert_bench.config import TASKS
 from lxmert_bench.io import atomic_write_text
 from lxmert_bench.report.paper import PAPER_TABLES
+from lxmert_bench.store import DONE, FAILED, STATES, RunDir
 
-TASKS = ("vqa", "gqa", "nlvr2")
-STATES = ("done", "failed", "running", "pending", "cancelled", "missing")
 MAIN_METRIC = "accuracy"  # the paper's Tables 3-5 column for all three tasks
 
 # one row per (run, metric); non-done runs get one row with metric None, value NaN
@@ -43,7 +43,7 @@ class ReportEntry:
     """One fine-tuning run a report needs: ``variant`` on ``task`` with ``seed``.
 
     ``finetune_stage`` / ``pretrain_stage`` are stage ids ('finetune/<hash>'); ``state`` is the
-    harness's view (done, failed, running, pending, cancelled) or None to read it from disk;
+    harness's view (one of ``store.STATES``) or None to read it from disk;
     ``run_dir`` defaults to ``<workdir>/runs/<finetune_stage>``.
     """
 
@@ -144,17 +144,6 @@ def read_json_file(path: str | os.PathLike) -> Any | None:
                          "(docs/internals.md)") from None
 
 
-def _disk_state(run_dir: str) -> str:
-    if os.path.isfile(os.path.join(run_dir, "result.json")):
-        return "done"
-    if os.path.isfile(os.path.join(run_dir, "error.json")):
-        return "failed"
-    if os.path.exists(os.path.join(run_dir, "log.jsonl")) or os.path.isdir(
-            os.path.join(run_dir, "checkpoints")):
-        return "running"
-    return "pending"
-
-
 def _error_message(run_dir: str) -> str | None:
     path = os.path.join(run_dir, "error.json")
     try:
@@ -207,7 +196,7 @@ def _result_rows(result: Any, path: str, kind: str, variant: str, seed: int | No
     timings = result.get("timings") or {}
     scores = (result.get("predictions") or {}).get("scores")
     common = (
-        "done", stage, pretrain_stage, run_dir,
+        DONE, stage, pretrain_stage, run_dir,
         os.path.join(run_dir, scores) if scores else None,
         result.get("best_epoch"), result.get("device"), result.get("num_gpus"),
         result.get("gpu_hours"), result.get("precision"), timings.get("total_s"),
@@ -225,7 +214,7 @@ def _result_rows(result: Any, path: str, kind: str, variant: str, seed: int | No
     return rows
 
 
-def _pending_row(kind: str, variant: str, seed: int | None, task: str, state: str, stage: str,
+def _open_row(kind: str, variant: str, seed: int | None, task: str, state: str, stage: str,
                  pretrain_stage: str | None, run_dir: str, error: str | None) -> tuple:
     rest = (None,) * (len(COLUMNS) - 11)
     return (kind, variant, seed, task, None, math.nan, state, stage, pretrain_stage, run_dir,
@@ -241,16 +230,15 @@ def _run_rows(kind: str, variant: str, seed: int | None, task: str, stage: str,
             return _result_rows(result, path, kind, variant, seed, task, stage, pretrain_stage,
                                 run_dir)
     except ValueError as e:  # a torn or foreign result.json: a failed cell, named, not a crash
-        return [_pending_row(kind, variant, seed, task, "failed", stage, pretrain_stage, run_dir,
+        return [_open_row(kind, variant, seed, task, FAILED, stage, pretrain_stage, run_dir,
                              str(e)[:300])]
     if state is None:
-        state = _disk_state(run_dir)
-    elif state == "done":
-        state = "missing"  # said to be done, yet no result.json: never show it as a number
-    error = _error_message(run_dir) if state == "failed" else None
-    if state == "missing":
-        error = f"{path}: not found"
-    return [_pending_row(kind, variant, seed, task, state, stage, pretrain_stage, run_dir, error)]
+        state = RunDir.at(run_dir).disk_state()
+    if state == DONE:  # said to be done, yet no result.json: never show it as a number
+        state, error = FAILED, f"{path}: not found, though the run was said to be done"
+    else:
+        error = _error_message(run_dir) if state == FAILED else None
+    return [_open_row(kind, variant, seed, task, state, stage, pretrain_stage, run_dir, error)]
 
 
 def collect(entries: Sequence[ReportEntry], workdir: str | os.PathLike,
@@ -259,8 +247,8 @@ def collect(entries: Sequence[ReportEntry], workdir: str | os.PathLike,
     pretraining stage, loss) with ``kind == 'pretrain'`` and ``task == 'pretrain'`` (and likewise
     ``kind == 'bert'`` for a text-only BERT stage).
 
-    Runs that are not done keep one row with ``metric`` None and their ``state`` (failed, running,
-    pending, cancelled, or missing when said to be done without a result.json), so no cell is ever
+    Runs that are not done keep one row with ``metric`` None and their ``state`` (``store.STATES``;
+    failed, with the reason, when said to be done without a result.json), so no cell is ever
     silently dropped. When ``results_path`` is given the rows are also written there as JSON lines,
     atomically.
     """

@@ -10,11 +10,6 @@ from lxmert_bench.plan import Plan
 from lxmert_bench.report.collect import ReportEntry, ReportSpec
 from lxmert_bench.spec import Spec
 
-# harness states -> report states ('orphaned' stages never ran: their dependency failed;
-# 'interrupted' ones resume on the next run)
-_STATE = {"done": "done", "failed": "failed", "running": "running", "queued": "pending",
-          "to run": "pending", "interrupted": "pending", "orphaned": "cancelled"}
-
 
 def report_spec(spec: Spec) -> ReportSpec:
     return ReportSpec(
@@ -30,7 +25,7 @@ def report_entries(spec: Spec, plan: Plan, statuses: dict[str, StageStatus]) -> 
     return [
         ReportEntry(variant=e.variant, seed=e.seed, task=e.task, finetune_stage=e.finetune,
                     pretrain_stage=e.pretrain, bert_stage=e.bert,
-                    state=_STATE.get(statuses[e.finetune].state, "pending"))
+                    state=statuses[e.finetune].state)
         for e in plan.entries if e.spec == spec.name
     ]
 

@@ -26,6 +26,7 @@ from lxmert_bench.io import atomic_write_bytes  # noqa: E402
 from lxmert_bench.report.collect import MAIN_METRIC, ReportSpec  # noqa: E402
 from lxmert_bench.report.paper import paper_value  # noqa: E402
 from lxmert_bench.report.tables import status_text  # noqa: E402
+from lxmert_bench.store import DONE  # noqa: E402
 
 TASK_LABELS = {"vqa": "VQA", "gqa": "GQA", "nlvr2": "NLVR²", "pretrain": "pretraining"}
 MAX_CURVE_POINTS = 400  # per line: keeps plotting fast on 600K-step pretraining logs
@@ -63,7 +64,7 @@ def plot_task_bars(frame: pd.DataFrame, spec: ReportSpec, out_dir: str | os.Path
     """One bar plot per task with runs done; returns the PNG paths."""
     out_dir = Path(out_dir)
     finetune = frame[frame["kind"] == "finetune"]
-    done = finetune[(finetune["state"] == "done") & (finetune["metric"] == metric)]
+    done = finetune[(finetune["state"] == DONE) & (finetune["metric"] == metric)]
     paths = []
     for task in spec.tasks:
         data = done[done["task"] == task]

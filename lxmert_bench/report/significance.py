@@ -20,6 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from lxmert_bench.report.collect import MAIN_METRIC, ReportSpec, read_json_file
+from lxmert_bench.store import DONE
 
 MIN_SEEDS = 3
 N_RESAMPLES = 10_000
@@ -129,7 +130,7 @@ def compare(frame: pd.DataFrame, variant: str, reference: str, task: str,
             metric: str = MAIN_METRIC, min_seeds: int = MIN_SEEDS, n_resamples: int = N_RESAMPLES,
             seed: int = 0, alpha: float = ALPHA) -> Comparison:
     """``variant`` vs ``reference`` on ``task``/``metric`` from the collected frame."""
-    done = frame[(frame["kind"] == "finetune") & (frame["state"] == "done")
+    done = frame[(frame["kind"] == "finetune") & (frame["state"] == DONE)
                  & (frame["task"] == task) & (frame["metric"] == metric)]
     mine = done[done["variant"] == variant].drop_duplicates("seed").set_index("seed")
     theirs = done[done["variant"] == reference].drop_duplicates("seed").set_index("seed")

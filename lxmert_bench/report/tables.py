@@ -18,6 +18,7 @@ from tabulate import tabulate
 from lxmert_bench.report.collect import MAIN_METRIC, ReportSpec
 from lxmert_bench.report.paper import paper_table, paper_value
 from lxmert_bench.report.significance import Comparison
+from lxmert_bench.store import DONE, NOT_DONE_WORST_FIRST
 
 TASK_LABELS = {"vqa": "VQA", "gqa": "GQA", "nlvr2": "NLVR²"}
 METRIC_LABELS = {
@@ -32,8 +33,6 @@ DETAIL_METRICS = {
     "nlvr2": ("accuracy", "consistency"),
     "pretrain": ("loss", "mlm", "matched", "obj", "attr", "feat", "qa"),
 }
-# worst first: the state a mixed cell names first
-NOT_DONE = ("failed", "missing", "cancelled", "running", "pending")
 SIG_MARK = "†"
 NO_RUNS = "— (no runs)"
 
@@ -42,7 +41,7 @@ class Summary:
     """Per-cell statistics of a collected frame, computed once for all tables."""
 
     def __init__(self, frame: pd.DataFrame):
-        done = frame[frame["state"] == "done"]
+        done = frame[frame["state"] == DONE]
         grouped = done.groupby(["kind", "variant", "task", "metric"], sort=False)["value"]
         self.values: dict[tuple, list[float]] = {k: list(v) for k, v in grouped}
         runs = frame.drop_duplicates(["kind", "variant", "task", "stage"])
@@ -78,8 +77,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def status_text(states: Counter) -> str:
     """E.g. 'running (2/3 done)' or 'failed 1, pending 1 (1/3 done)'; '' when all are done."""
-    total, done = sum(states.values()), states.get("done", 0)
-    open_ = [(s, states[s]) for s in NOT_DONE if states.get(s)]
+    total, done = sum(states.values()), states.get(DONE, 0)
+    open_ = [(s, states[s]) for s in NOT_DONE_WORST_FIRST if states.get(s)]
     if not open_:
         return ""
     if len(open_) == 1:
