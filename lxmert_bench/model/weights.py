@@ -444,17 +444,10 @@ def hf_config(config: LxmertConfig, **overrides: object):  # -> transformers.Lxm
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
-def save_weights(model: nn.Module, path: str | os.PathLike, official: bool = True) -> Path:
-    """Write ``model``'s weights: official names (``bert.*``, ``cls.*``, ``obj_predict_head.*``,
-    ``answer_head.*`` / ``logit_fc.*``) or, with ``official=False``, HF names (``lxmert.*`` and
-    ``answer_head.logit_fc.*``; no prefix for a bare backbone).
-
-    An official pretraining model is written as the official ``model_LXRT.pth`` is, with every key
-    under ``module.`` (its ``nn.DataParallel``): ``LXMERT.load_lxmert`` keeps only such keys.
-
-    ``.safetensors`` files drop the tied decoder (safetensors refuses shared tensors; loading re-ties
-    it); other suffixes use ``torch.save``, which stores the shared matrix once.
-    """
+def named_tensors(model: nn.Module, official: bool = True) -> dict[str, Tensor]:
+    """``model``'s weights on the CPU under the names :func:`save_weights` writes (official, or HF
+    with ``official=False``); tensors shared in the model (the tied decoder) stay one tensor under
+    both names. The HF export (``model/hf.py``) writes these too."""
     prefix = _backbone_prefix(model)
     out: dict[str, Tensor] = {}
     cpu: dict[int, Tensor] = {}  # one CPU copy per shared storage (the tied decoder on GPU)
@@ -475,6 +468,21 @@ def save_weights(model: nn.Module, path: str | os.PathLike, official: bool = Tru
         if key not in cpu:
             cpu[key] = tensor.detach().cpu()
         out[name] = cpu[key]
+    return out
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, official: bool = True) -> Path:
+    """Write ``model``'s weights: official names (``bert.*``, ``cls.*``, ``obj_predict_head.*``,
+    ``answer_head.*`` / ``logit_fc.*``) or, with ``official=False``, HF names (``lxmert.*`` and
+    ``answer_head.logit_fc.*``; no prefix for a bare backbone).
+
+    An official pretraining model is written as the official ``model_LXRT.pth`` is, with every key
+    under ``module.`` (its ``nn.DataParallel``): ``LXMERT.load_lxmert`` keeps only such keys.
+
+    ``.safetensors`` files drop the tied decoder (safetensors refuses shared tensors; loading re-ties
+    it); other suffixes use ``torch.save``, which stores the shared matrix once.
+    """
+    out = named_tensors(model, official)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
