@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lxmert_bench.model.config import LxmertConfig
+from lxmert_bench.model.heads import VISUAL_LOSSES
 
 # How a config field takes part in a stage's identity (its hash), declared in the field's metadata:
 # - PROVENANCE: never (paths, logging cadence, devices): recorded in config.json, not hashed;
@@ -91,9 +92,8 @@ FIXED_DIFFERENCES: tuple[Switch, ...] = (
 
 
 StageKind = Literal["bert", "pretrain", "finetune"]
-TaskName = Literal["vqa", "gqa", "nlvr2"]
 TASKS: tuple[str, ...] = ("vqa", "gqa", "nlvr2")
-VISUAL_LOSSES: tuple[str, ...] = ("obj", "attr", "feat")
+OFFICIAL_SEED = 9595  # the official code's --seed default
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class BertConfig:
 # Both stages that can start from BERT (pretraining, or fine-tuning without it) read it.
 BERT_LAYERS = Switch("bert_layers", "BERT layers used for initialisation", "top", "bottom",
                      facts="BERT-init ablation", values="bottom: layers 0-8 (official "
-                     "from_pretrained) | top: the top 9 (paper footnote); pretrain.bert_layers")
+                     "from_pretrained) | top: the top 9 (paper footnote); set with pretrain.bert_layers")
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ class RunConfig:
     """One stage. ``init_from`` names the stage whose weights it starts from, as '<kind>/<hash>'."""
 
     kind: StageKind = "pretrain"
-    seed: int = 9595
+    seed: int = OFFICIAL_SEED
     model: LxmertConfig = LxmertConfig()
     data: DataConfig = DataConfig()
     bert: BertConfig | None = None
