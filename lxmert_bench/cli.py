@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lxmert_bench.store import FAILED, INTERRUPTED, ORPHANED
+from lxmert_bench.spec import EXECUTORS
+from lxmert_bench.store import DONE, FAILED, INTERRUPTED, ORPHANED
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_LAUNCH = 0, 1, 2, 3
 NOT_FINISHED = (FAILED, INTERRUPTED, ORPHANED)  # after a run: states that make it exit 1
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="plan and run (or submit) a spec's stages, then report")
     _add_common(run)
-    run.add_argument("--executor", choices=["auto", "slurm", "local", "debug"], default=None,
+    run.add_argument("--executor", choices=EXECUTORS, default=None,
                      help="auto: Slurm when sbatch is on the PATH (default: the profile's)")
     run.add_argument("--dry-run", action="store_true", help="print the plan; submit nothing")
     run.add_argument("--wait", action="store_true", help="on Slurm, follow the jobs to the end")
@@ -307,7 +308,7 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
             "depends_on": st.deps, "gpus": gpu_count(res) * int(res.get("nodes") or 1),
             "time_min": res.get("timeout_min"), "gpu_hours": round(estimate_gpu_hours(st.config), 2),
         })
-    todo_hours = sum(r["gpu_hours"] for r in rows if r["state"] not in ("done",))
+    todo_hours = sum(r["gpu_hours"] for r in rows if r["state"] != DONE)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

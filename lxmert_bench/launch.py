@@ -26,14 +26,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import submitit
 import yaml
 
-from lxmert_bench.io import atomic_write_json, read_json
+from lxmert_bench.io import atomic_write_json, read_json, utc_now
 from lxmert_bench.owner import HOST, process_start_time, publish_directory, same_process
 from lxmert_bench.plan import Plan, Stage
 from lxmert_bench.progress import StageProgress, stage_label
@@ -461,10 +460,6 @@ def workdir_lock(workdir: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 # ---------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------
@@ -865,7 +860,7 @@ def launch(
         me = launcher_identity()
         for st in todo:
             write_job(workdir, st.stage_id, {"executor": cluster, "launcher": me,
-                                             "queued_at": _now()})
+                                             "queued_at": utc_now()})
     _run_local(plan, todo, workdir, cluster, resources, resource_overrides or {}, parallelism,
                progress, report, say)
     return report
@@ -966,7 +961,7 @@ def _submit_slurm(plan: Plan, todo: list[Stage], workdir: Path, statuses: dict[s
                     report.job_ids[st.stage_id] = job.job_id
                     write_job(workdir, st.stage_id, {
                         "executor": "slurm", "job_id": job.job_id, "folder": str(job.paths.folder),
-                        "submitted_at": _now(), "dependency": params.get("slurm_dependency"),
+                        "submitted_at": utc_now(), "dependency": params.get("slurm_dependency"),
                         "resources": res, "code": {**code, "snapshot": str(snapshot)},
                     })
                 say(f"submitted {len(chunk)} {kind} job(s) as array {jobs[0].job_id.split('_')[0]}"
@@ -1051,7 +1046,7 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                         ended[st.stage_id] = ORPHANED
                         report.orphaned[st.stage_id] = why
                         write_job(workdir, st.stage_id, {"executor": cluster, "state": ORPHANED,
-                                                         "reason": why, "time": _now()})
+                                                         "reason": why, "time": utc_now()})
                         bar.update(1)
                         continue
                     unfinished = [d for d in st.deps if not RunDir(workdir, d).is_done()]
@@ -1075,7 +1070,7 @@ def _run_local(plan: Plan, todo: list[Stage], workdir: Path, cluster: str,
                     report.job_ids[st.stage_id] = str(job.job_id)
                     write_job(workdir, st.stage_id, {
                         "executor": cluster, "job_id": str(job.job_id), "launcher": me,
-                        "folder": str(job.paths.folder), "submitted_at": _now(),
+                        "folder": str(job.paths.folder), "submitted_at": utc_now(),
                         "code": {**code, "snapshot": str(snapshot)}})
                     watch.start(st.stage_id, stage_label(
                         list(dict.fromkeys(u[1] for u in st.users)), st.describe()), run.log_path)
@@ -1178,7 +1173,7 @@ def cancel_orphans(plan: Plan, workdir: str | Path, statuses: dict[str, StageSta
         if st.job_id:
             jobs.append(str(st.job_id))
         rec = read_job(workdir, sid) or {}
-        write_job(workdir, sid, {**rec, "state": ORPHANED, "reason": why, "time": _now()})
+        write_job(workdir, sid, {**rec, "state": ORPHANED, "reason": why, "time": utc_now()})
         st.state, st.reason = ORPHANED, why
         orphans[sid] = why
     if jobs:
@@ -1243,7 +1238,7 @@ def cancel(plan: Plan, workdir: str | Path, grace_s: float = 15.0) -> list[str]:
             if holder.get("host") == HOST and holder.get("pid"):
                 holders.append(int(holder["pid"]))
         write_job(workdir, sid, {**rec, "state": INTERRUPTED, "reason": "cancelled by the user",
-                                 "time": _now()})
+                                 "time": utc_now()})
         cancelled.append(sid)
     if slurm_jobs:
         scancel(slurm_jobs)  # one call per 200 arrays / plain jobs, not one per stage

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lxmert_bench.config import (
+    OFFICIAL_SEED,
     TASK_DEFAULTS,
     BertConfig,
     DataConfig,
@@ -24,7 +25,7 @@ from lxmert_bench.model.config import LxmertConfig
 from lxmert_bench.spec import Spec, Variant
 
 KIND_LEVEL = {"bert": 0, "pretrain": 1, "finetune": 2}
-PRETRAIN_SEED = 9595  # the official --seed default: one pretraining per variant unless seeded
+PRETRAIN_SEED = OFFICIAL_SEED  # one pretraining per variant unless seed_pretraining
 BERT_SEED = 0
 
 

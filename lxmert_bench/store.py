@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lxmert_bench.config import RunConfig
-from lxmert_bench.io import atomic_write_json, read_json
+from lxmert_bench.io import atomic_write_json, read_json, utc_now
 from lxmert_bench.owner import HOST
 
 # The one vocabulary of stage states (module docstring).
@@ -205,7 +205,7 @@ class RunDir:
                         raise StageBusy(self, self.lock_holder() or {}) from None
                     time.sleep(poll_s)
             me = json.dumps({"host": HOST, "pid": os.getpid(),
-                             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                             "since": utc_now()})
             os.ftruncate(fd, 0)
             os.pwrite(fd, me.encode(), 0)
             try:
@@ -341,7 +341,7 @@ def _adopt(old: RunDir, version: str, adopted: dict[str, str]) -> str | None:
     atomic_write_json(new.path / "adopted.json", {
         "from": old.stage_id, "legacy_code_version": legacy, "code_version": version,
         "init_from": raw.get("init_from"),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        "time": utc_now()})
     return new.stage_id
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE = -1  # label of positions without a target (the official ignore_index)
+from lxmert_bench.model.heads import IGNORE, VISUAL_LOSSES
 
 
 def mask_words(
@@ -108,14 +108,14 @@ class PretrainExamples:
     """
 
     def __init__(self, corpus, tokenizer, *, mask_lm: bool = True, matched: bool = True,
-                 visual_losses: tuple[str, ...] = ("obj", "attr", "feat"), qa: bool = True,
+                 visual_losses: tuple[str, ...] = VISUAL_LOSSES, qa: bool = True,
                  qa_from_epoch: int | None = 0, word_mask_rate: float = 0.15,
                  obj_mask_rate: float = 0.15, obj_mask_mode: str = "official",
                  label_targets: str = "all_confidence", mask_inactive: str = "official"):
-        unknown = sorted(set(visual_losses) - {"obj", "attr", "feat"})
+        unknown = sorted(set(visual_losses) - set(VISUAL_LOSSES))
         if unknown:
             raise ValueError(f"pretrain.visual_losses: unknown {unknown}; expected a subset of "
-                             "['obj', 'attr', 'feat']")
+                             f"{list(VISUAL_LOSSES)}")
         if label_targets not in ("all_confidence", "masked"):
             raise ValueError(f"pretrain.label_targets: expected 'all_confidence' or 'masked', "
                              f"got {label_targets!r}")

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lxmert_bench.data.features import FeatureFormatError, iter_obj_tsv_hashed
-from lxmert_bench.io import atomic_write_json, human_bytes, read_json
+from lxmert_bench.io import atomic_write_json, human_bytes, read_json, utc_now
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -635,7 +635,7 @@ def _write_store(tsvs: list[Path], out: Path, feature_dtype: str, topk: int | No
         "fingerprint": fingerprint.hexdigest(),
         "arrays": {name: f"{name}.npy" for name in (*ROW_ARRAYS, "img_ids", "sorted_ids",
                                                     "sorted_rows")},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc_now(),
         "built_by": f"{socket.gethostname()}:{os.getpid()}",
     }
 

@@ -18,7 +18,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 
 from lxmert_bench import __version__
 from lxmert_bench.config import DataConfig, RunConfig
+from lxmert_bench.io import utc_now
 from lxmert_bench.provenance import code_provenance
 from lxmert_bench.store import RunDir, StageBusy
 from lxmert_bench.train.loop import (
@@ -137,7 +137,7 @@ def _execute(run_dir: RunDir) -> dict[str, Any]:
         if info.is_main:
             error: dict[str, Any] = {
                 "error": str(e), "type": type(e).__name__, "traceback": traceback.format_exc(),
-                "time": _now(), "stage_id": run_dir.stage_id,
+                "time": utc_now(), "stage_id": run_dir.stage_id,
             }
             if isinstance(e, NonFiniteLoss):
                 error.update(step=e.step, losses={k: str(v) for k, v in e.losses.items()})
@@ -149,7 +149,7 @@ def _execute(run_dir: RunDir) -> dict[str, Any]:
 
 def _write_interrupted(run_dir: RunDir, sig: str) -> None:
     run_dir.write_error({"error": f"ended by {sig}", "type": "StageInterrupted", "interrupted": True,
-                         "signal": sig, "time": _now(), "stage_id": run_dir.stage_id})
+                         "signal": sig, "time": utc_now(), "stage_id": run_dir.stage_id})
 
 
 def build_result(config: RunConfig, part: dict[str, Any], wall_s: float) -> dict[str, Any]:
@@ -178,13 +178,9 @@ def build_result(config: RunConfig, part: dict[str, Any], wall_s: float) -> dict
                      "python": platform.python_version()},
         "data_fingerprint": config.data.fingerprint, "code_version": config.code_version,
         "code": code_provenance(),
-        "finished_at": _now(),
+        "finished_at": utc_now(),
     })
     return result
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def ensure_data(data: DataConfig) -> Path:
