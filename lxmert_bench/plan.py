@@ -92,11 +92,6 @@ class Plan:
                     frontier.append(st.stage_id)
         return out
 
-    def shared(self, stage_id: str) -> bool:
-        """Used by more than one (spec, variant) pair."""
-        users = {(u[0], u[1]) for u in self.stages[stage_id].users}
-        return len(users) > 1
-
 
 # ---------------------------------------------------------------------------------------------
 def code_version() -> str:

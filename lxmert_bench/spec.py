@@ -292,10 +292,6 @@ class Profile:
     overrides: dict[str, Any] = field(default_factory=dict)
     path: str = ""
 
-    @property
-    def is_paper_scale(self) -> bool:
-        return self.name == "default"
-
 
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))

@@ -22,7 +22,7 @@ from lxmert_bench.data.answers import AnswerTable, load_task_answers
 from lxmert_bench.model import LxmertConfig, LxmertForQuestionAnswering
 from lxmert_bench.model.weights import canonical_state_dict
 from lxmert_bench.store import RunDir
-from lxmert_bench.train.finetune import transfer_qa_head
+from lxmert_bench.train.finetune import build_model, initialise, load_qa_head
 from lxmert_bench.train.stages import ensure_data, run_stage
 
 RESULT_KEYS = {
@@ -121,7 +121,7 @@ def test_qa_head_rows_are_transferred_and_unmapped_rows_zeroed(workdir, data, pr
     label2ans = [*label2ans, "no such answer"]  # one answer the pretraining table lacks
     table = AnswerTable.from_root(data.root)
     model = LxmertForQuestionAnswering(LxmertConfig.preset("test"), len(label2ans))
-    info = transfer_qa_head(model, source, label2ans, table)
+    info = load_qa_head(model, source, label2ans, table)
     assert info["unmapped"] >= 1 and info["mapped"] >= 1
     pre = canonical_state_dict(source).tensors
     w, b = model.logit_fc[3].weight, model.logit_fc[3].bias
@@ -132,6 +132,21 @@ def test_qa_head_rows_are_transferred_and_unmapped_rows_zeroed(workdir, data, pr
         elif table.used(AnswerTable.convert_ans(ans)):
             src = table.ans2label(AnswerTable.convert_ans(ans))
             assert torch.equal(w[row], pre["answer_head.logit_fc.3.weight"][src])
+
+
+def test_a_checkpoint_without_encoder_weights_is_an_error_naming_it(workdir, data, pretrained,
+                                                                   tmp_path):
+    source = RunDir(workdir, pretrained.stage_id).checkpoint_dir / "model.pt"
+    stripped = {k: v for k, v in canonical_state_dict(source).tensors.items()
+                if ".encoder.layer." not in k and ".r_layers." not in k and ".x_layers." not in k}
+    path = tmp_path / "no_encoder.pt"
+    torch.save(stripped, path)
+    cfg = finetune_config(data, "nlvr2", None)
+    cfg = replace(cfg, finetune=replace(cfg.finetune, init_checkpoint=str(path)))
+    rd = RunDir(tmp_path, cfg.stage_id)
+    with pytest.raises(ValueError, match=r"no_encoder\.pt: no language-encoder weight was loaded "
+                                         r"\(\w+ checkpoint\)"):
+        initialise(build_model(cfg, None), cfg, rd, None)
 
 
 def test_missing_dependency_is_an_error_naming_it(workdir, data):

@@ -184,6 +184,17 @@ def test_transfer_qa_head_copies_rows_and_zeroes_the_rest() -> None:
     assert not w[1].any() and b[1] == 0  # an answer missing from the pretraining table
 
 
+def test_transfer_qa_head_names_the_file_without_a_head_and_a_table_of_another_size(tmp_path):
+    task = LxmertForQuestionAnswering(CONFIG, 4)
+    path = tmp_path / "model.pt"
+    torch.save(LxmertForPretraining(CONFIG, qa=False).state_dict(), path)
+    with pytest.raises(ValueError, match=r"model\.pt: no pretrained QA head .*load_qa_head: false"):
+        transfer_qa_head(task, str(path), [0], [1])
+    with pytest.raises(ValueError, match=r"the QA head has 12 answers but the answer table "
+                                         r"lxmert/all_ans\.json has 7"):
+        transfer_qa_head(task, pretraining(1).state_dict(), [0], [1], pretrain_answers=7)
+
+
 # ---------------------------------------------------------------------------------------------
 # HF BERT
 # ---------------------------------------------------------------------------------------------

@@ -390,13 +390,15 @@ def load_weights(model: nn.Module, source: Source, *, bert_layers: BertLayers = 
 
 
 def transfer_qa_head(model: LxmertForQuestionAnswering, source: Source, task_rows: list[int],
-                     pretrain_rows: list[int]) -> None:
+                     pretrain_rows: list[int], pretrain_answers: int | None = None) -> None:
     """The official ``load_lxmert_qa``: copy the pretrained QA head's hidden layers whole and, for
     the output layer, pretrained row ``pretrain_rows[i]`` into task row ``task_rows[i]``; the other
     task rows (answers missing from the pretraining table) are zeroed, weight and bias.
 
-    Rows come from ``lxmert_bench.data.answers.qa_head_transfer_rows``.
+    Rows come from ``lxmert_bench.data.answers.qa_head_transfer_rows``; ``pretrain_answers`` (the
+    size of the pretraining answer table the rows index) is checked against the head when given.
     """
+    where = source if isinstance(source, (str, os.PathLike)) else "the source weights"
     if len(task_rows) != len(pretrain_rows):
         raise ValueError(f"{len(task_rows)} task rows but {len(pretrain_rows)} pretraining rows")
     src = canonical_state_dict(source, num_language_layers=model.bert.config.l_layers).tensors
@@ -404,8 +406,14 @@ def transfer_qa_head(model: LxmertForQuestionAnswering, source: Source, task_row
     if not head:
         head = {n.removeprefix(TASK_HEAD): v for n, v in src.items() if n.startswith(TASK_HEAD)}
     own = dict(model.logit_fc.state_dict(keep_vars=True))
+    if not head:
+        raise ValueError(f"{where}: no pretrained QA head ({QA_HEAD}*); set "
+                         "finetune.load_qa_head: false")
     if set(head) != set(own):
-        raise ValueError(f"the source has no complete QA head (found {sorted(head)})")
+        raise ValueError(f"{where}: no complete QA head (found {sorted(head)})")
+    if pretrain_answers is not None and head["3.weight"].shape[0] != pretrain_answers:
+        raise ValueError(f"{where}: the QA head has {head['3.weight'].shape[0]} answers but the "
+                         f"answer table lxmert/all_ans.json has {pretrain_answers}; they must match")
     with torch.no_grad():
         for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
             if head[name].shape != own[name].shape:

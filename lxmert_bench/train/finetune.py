@@ -142,23 +142,14 @@ def build_model(config: RunConfig, num_answers: int | None) -> nn.Module:
     return LxmertForQuestionAnswering(config.model, num_answers)
 
 
-def transfer_qa_head(model: nn.Module, source: str | Path, label2ans: list[str],
-                     table: AnswerTable) -> dict[str, int]:
-    """The official ``load_lxmert_qa``: the pretrained answer MLP, and for its last layer the row of
-    each task answer found in the pretraining answer table; other rows become zero."""
-    from lxmert_bench.model.weights import QA_HEAD, canonical_state_dict
-    from lxmert_bench.model.weights import transfer_qa_head as copy_rows
+def load_qa_head(model: nn.Module, source: str | Path, label2ans: list[str],
+                 table: AnswerTable) -> dict[str, int]:
+    """The pretrained answer MLP, and for its last layer the row of each task answer found in the
+    pretraining answer table (``model.weights.transfer_qa_head``); other rows become zero."""
+    from lxmert_bench.model.weights import transfer_qa_head
 
-    tensors = canonical_state_dict(source).tensors
-    out_weight = tensors.get(f"{QA_HEAD}3.weight")
-    if out_weight is None:
-        raise ValueError(f"{source}: no pretrained QA head ({QA_HEAD}*); "
-                         "set finetune.load_qa_head: false")
-    if out_weight.shape[0] != len(table):
-        raise ValueError(f"{source}: the QA head has {out_weight.shape[0]} answers but the answer "
-                         f"table lxmert/all_ans.json has {len(table)}; they must match")
     task_rows, pretrain_rows = qa_head_transfer_rows(label2ans, table)
-    copy_rows(model, source, task_rows, pretrain_rows)
+    transfer_qa_head(model, source, task_rows, pretrain_rows, pretrain_answers=len(table))
     return {"mapped": len(task_rows), "unmapped": len(label2ans) - len(task_rows)}
 
 
@@ -181,12 +172,12 @@ def initialise(model: nn.Module, config: RunConfig, run_dir: RunDir,
     report = load_weights(model, source, bert_layers=ft.bert_layers, heads=False)
     info: dict[str, Any] = {"init": config.init_from or source, "loaded_tensors": len(report.loaded)}
     if not any(n.startswith("bert.encoder.layer.") for n in report.loaded):
-        raise ValueError(f"{source}: no language-encoder weight was loaded ({report.source_format} "
+        raise ValueError(f"{source}: no language-encoder weight was loaded ({report.format} "
                          "checkpoint); is it an LXMERT or BERT checkpoint?")
     if ft.load_qa_head and ft.task in QA_TASKS and from_kind != "bert":
         assert label2ans is not None
         table = AnswerTable.from_root(config.data.root)
-        info["qa_head"] = transfer_qa_head(model, source, label2ans, table)
+        info["qa_head"] = load_qa_head(model, source, label2ans, table)
     return info
 
 
