@@ -14,6 +14,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from lxmert_bench.config import TASK_DEFAULTS, DataConfig, PretrainConfig, RunConfig
+from lxmert_bench.launch import stage_statuses
 from lxmert_bench.model.config import LxmertConfig
 from lxmert_bench.report import (
     ReportEntry,
@@ -28,6 +29,8 @@ from lxmert_bench.report import (
     write_report,
 )
 from lxmert_bench.report.collect import read_log
+from lxmert_bench.report.harness import report_entries
+from lxmert_bench.report.harness import report_spec as harness_report_spec
 from lxmert_bench.report.paper import normalize_row_name, paper_table
 from lxmert_bench.report.plots import plot_task_bars, plot_training_curves
 from lxmert_bench.report.render import render_markdown, switches_table
@@ -598,10 +601,8 @@ def test_table4_from_the_real_plan_with_shared_nlvr2_stages(tmp_path):
 
     spec = load_spec(Path(__file__).parents[1] / "ablations" / "qa_pretraining.yaml", profile="demo")
     plan = make_plan(spec, tmp_path)
-    report_spec = ReportSpec.from_spec(spec)
+    report_spec = harness_report_spec(spec)
     assert report_spec.profile == "demo" and report_spec.reference == "table4"
-    assert report_spec.notes["model preset"] == "tiny"
-    entries = [ReportEntry.from_plan_entry(e) for e in plan.entries]
     base = {"vqa": 60.0, "gqa": 50.0, "nlvr2": 70.0}
     bump = {"P20 + DA": -2.0, "P20 + FT": -1.0, "P10+QA10 + DA": -0.5, "P10+QA10 + FT": 0.0}
 
@@ -611,6 +612,8 @@ def test_table4_from_the_real_plan_with_shared_nlvr2_stages(tmp_path):
         return base[task] + bump[variant] + seed * 0.1
 
     write_plan_results(plan, tmp_path, accuracy)
+    entries = report_entries(spec, plan, stage_statuses(plan, tmp_path))
+    assert {e.state for e in entries} == {"done"}
     frame = collect(entries, tmp_path)
     comps = compare_to_reference(frame, report_spec)
     text = render_markdown(report_spec, frame, read_configs(entries, tmp_path), comps, [])
@@ -625,7 +628,7 @@ def test_table4_from_the_real_plan_with_shared_nlvr2_stages(tmp_path):
     n_stages = len(plan.stages)
     assert f"over {n_stages} finished stages" in text
     assert "NOT THE PAPER'S NUMBERS" in text and "**synthetic** benchmark" in text
-    assert "- **Model:** `tiny` preset (spec: tiny)" in text
+    assert "- **Model:** `tiny` preset" in text
 
 
 def test_table3_from_the_real_plan_with_bert_stage_and_rows_without_pretraining(tmp_path):
@@ -634,10 +637,10 @@ def test_table3_from_the_real_plan_with_bert_stage_and_rows_without_pretraining(
 
     spec = load_spec(Path(__file__).parents[1] / "ablations" / "bert_init.yaml", profile="test")
     plan = make_plan(spec, tmp_path)
-    report_spec = ReportSpec.from_spec(spec)
-    entries = [ReportEntry.from_plan_entry(e) for e in plan.entries]
-    assert any(e.bert_stage for e in entries) and any(e.pretrain_stage is None for e in entries)
+    report_spec = harness_report_spec(spec)
     write_plan_results(plan, tmp_path, lambda v, s, t: 50.0 + len(v) / 10)
+    entries = report_entries(spec, plan, stage_statuses(plan, tmp_path))
+    assert any(e.bert_stage for e in entries) and any(e.pretrain_stage is None for e in entries)
     frame = collect(entries, tmp_path)
     assert set(frame["kind"]) == {"finetune", "pretrain", "bert"}
     text = render_markdown(report_spec, frame, read_configs(entries, tmp_path), {}, [])

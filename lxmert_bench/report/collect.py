@@ -67,12 +67,6 @@ class ReportEntry:
     def path(self, workdir: str | os.PathLike) -> Path:
         return Path(self.run_dir) if self.run_dir is not None else stage_path(workdir, self.finetune_stage)
 
-    @classmethod
-    def from_plan_entry(cls, entry: Any, state: str | None = None) -> ReportEntry:
-        """From the planner's entry (attributes variant, seed, task, finetune, pretrain, bert)."""
-        return cls(entry.variant, entry.seed, entry.task, entry.finetune, entry.pretrain, state,
-                   None, getattr(entry, "bert", None))
-
 
 @dataclass
 class ReportSpec:
@@ -85,7 +79,11 @@ class ReportSpec:
     reference: str | None = None  # 'table3' | 'table4' | 'table5' | None
     reference_variant: str | None = None  # the row others are tested against
     profile: str = "default"
-    notes: dict[str, Any] = field(default_factory=dict)  # model preset, switches, free text
+    notes: dict[str, Any] = field(default_factory=dict)  # profile, spec path, seeds, --set
+    # A spec with axes (spec.py): axis label -> its values as shown, and each variant (a cell) ->
+    # (its declared variant or None, {axis label: value}); the report has a table per axis.
+    axes: dict[str, list[str]] = field(default_factory=dict)
+    cells: dict[str, tuple[str | None, dict[str, str]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"ReportSpec {self.name!r}"
@@ -106,23 +104,6 @@ class ReportSpec:
         if self.reference_variant is not None and self.reference_variant not in self.variants:
             raise ValueError(f"{where}: 'reference_variant' {self.reference_variant!r} is not one of "
                              f"the variants {list(self.variants)}")
-
-    @classmethod
-    def from_spec(cls, spec: Any, notes: dict[str, Any] | None = None) -> ReportSpec:
-        """From a loaded ``lxmert_bench.spec.Spec`` (read by attribute, so no import cycle)."""
-        variants = [getattr(v, "name", v) for v in spec.variants]
-        auto: dict[str, Any] = {}
-        if getattr(spec, "description", ""):
-            auto["description"] = spec.description
-        auto["seeds"] = list(spec.seeds)
-        if hasattr(spec, "settings"):
-            presets = {str(spec.settings(v).get("model.preset", "base")) for v in spec.variants}
-            auto["model preset"] = ", ".join(sorted(presets))
-        if getattr(spec, "cli_overrides", None):
-            auto["overrides (--set)"] = ", ".join(f"{k}={v}" for k, v in spec.cli_overrides.items())
-        profile = getattr(spec.profile, "name", spec.profile)
-        return cls(spec.name, spec.title, variants, list(spec.tasks), spec.reference,
-                   spec.reference_variant, str(profile), {**auto, **(notes or {})})
 
 
 def stage_path(workdir: str | os.PathLike, stage_id: str) -> Path:

@@ -198,10 +198,8 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
         lines.append("- **Data:** unknown (no run has a config.json or result.json yet)")
     models = {v: model_description(c["model"]) for v, cfgs in configs.items()
               for c in list(cfgs.values())[:1] if isinstance(c.get("model"), dict)}
-    preset_note = spec.notes.get("model preset") or spec.notes.get("model_preset")
     lines.append("- **Model:** " + (_by_value(models, markdown_values=True) if models
-                                    else "unknown (no config.json yet)")
-                 + (f" (spec: {md_text(preset_note)})" if preset_note else ""))
+                                    else "unknown (no config.json yet)"))
     lines.append("- **Code version:** " + (", ".join(md_code(c) for c in _distinct(frame["code_version"]))
                                              or "unknown"))
     soft = []
