@@ -6,7 +6,9 @@
   mean; the superseded 2016 rule as ``rule="2016"``); and the soft-score accuracy of the official
   LXMERT local evaluator.
 * GQA: exact-match top-1 accuracy (the official LXMERT local evaluator); binary / open by the
-  question's structural type (official ``eval.py``) when known, else approximated by the answer.
+  question's structural type (official ``eval.py``) when known, else approximated by the answer;
+  with the official balanced question (and choices) files, the challenge evaluator's metrics
+  (:func:`gqa_official_metrics`: consistency, validity, plausibility, distribution, per type).
 * NLVR2: accuracy and consistency as ``lil-lab/nlvr nlvr2/eval/metrics.py``.
 
 A prediction set that misses questions is refused (ValueError), as the official evaluators do.
@@ -22,7 +24,9 @@ import io
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lxmert_bench.io import atomic_write_text
@@ -277,6 +281,132 @@ def gqa_binary_rule(structural_types: Mapping[Hashable, str] | None) -> str:
         return "by structural type (official eval.py)"
     return ("approximated by the gold answer (yes/no): the question files carry no structural "
             "types")
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA: the official challenge evaluator (eval.py, distributed by the GQA authors) over the
+# balanced question files. Its rules, re-implemented here:
+# - only questions with ``isBalanced`` are scored; a question is right iff the prediction equals
+#   its ``answer`` string exactly (no normalisation);
+# - open iff ``types.structural == "query"``, else binary (verify, logical, choose, compare);
+# - consistency: for each correctly answered question with entailed questions (``entailed``
+#   without itself), the accuracy over those; averaged over such questions;
+# - validity / plausibility: the prediction is in the choices file's ``valid`` / ``plausible``
+#   list, except that a question whose ``types.detailed`` contains "Common" ("what do they have in
+#   common?") checks against color / material / shape instead;
+# - distribution: per ``groups.global`` (None: left out) the chi-square sum over the gold answers
+#   a of (predicted count of a - gold count of a)^2 / gold count of a, averaged over the groups
+#   weighted by their question counts, divided by 100 (lower is better; not a percentage);
+# - accuracy per structural and per semantic type; grounding needs attention maps (not here).
+
+
+@dataclass(frozen=True)
+class GQAQuestion:
+    """The fields of one balanced-file question that the official evaluator reads."""
+
+    answer: str
+    structural: str  # types.structural: query | verify | logical | choose | compare
+    semantic: str  # types.semantic: attr | cat | global | obj | rel
+    detailed: str = ""  # types.detailed, e.g. "twoCommon"
+    entailed: tuple[str, ...] = ()
+    global_group: str | None = None  # groups.global
+    balanced: bool = True  # isBalanced
+
+
+@dataclass(frozen=True)
+class GQAChoices:
+    """One question's entry of the official ``*_choices.json``."""
+
+    valid: frozenset[str]
+    plausible: frozenset[str]
+
+
+GQA_OPEN_TYPE = "query"
+_GQA_COMMON_ANSWERS = frozenset({"color", "material", "shape"})
+
+
+def _gqa_belongs(answer: str, group: frozenset[str], question: GQAQuestion) -> bool:
+    # the official evaluator's special case for "what do both have in common?" questions
+    if "Common" in question.detailed:
+        group = _GQA_COMMON_ANSWERS
+    return answer in group
+
+
+def gqa_distribution(gold: Mapping[str, Mapping[str, int]],
+                     predicted: Mapping[str, Mapping[str, int]]) -> float | None:
+    """The official distribution score from per-group answer counts ``{group: {answer: n}}``
+    (None without any group). Predicted answers that are no gold answer of the group do not
+    count, as in the official chi-square."""
+    weighted, total = 0.0, 0
+    for group, counts in gold.items():
+        pred = predicted.get(group, {})
+        chi = sum((pred.get(a, 0) - e) ** 2 / e for a, e in counts.items())
+        n = sum(counts.values())
+        weighted += chi * n
+        total += n
+    return weighted / total / 100 if total else None
+
+
+def _percent(values: Sequence[float]) -> float:
+    return 100.0 * sum(values) / len(values)
+
+
+def gqa_official_metrics(predictions: Mapping[str, str], questions: Mapping[str, GQAQuestion],
+                         choices: Mapping[str, GQAChoices] | None = None) -> dict[str, float]:
+    """The official GQA metrics, percentages except ``distribution``:
+
+    ``accuracy``, ``binary``, ``open``, ``consistency``, ``validity`` and ``plausibility`` (with
+    ``choices``), ``distribution``, and ``structural/<type>``, ``semantic/<type>`` accuracies.
+
+    Every question needs a prediction (entailed ones too, as with the official
+    ``--consistency``). A metric with nothing to average is left out rather than reported as the
+    official script's 0: binary/open without such questions, consistency when no question has an
+    entailed question in ``questions``, distribution without global groups. Entailed ids outside
+    ``questions`` are skipped (the official script reads them from ``*_all_questions.json``)."""
+    _check_complete(predictions, questions, "GQA", "questions")
+    scored = {q: d for q, d in questions.items() if d.balanced}
+    if choices is not None:
+        missing = [q for q in scored if q not in choices]
+        if missing:
+            raise ValueError(f"{len(missing)} of {len(scored)} GQA questions have no entry in the "
+                             f"choices (e.g. id {missing[0]!r})")
+    right = {q: float(predictions[q] == d.answer) for q, d in questions.items()}
+    by: dict[str, list[float]] = {}
+    validity: list[float] = []
+    plausibility: list[float] = []
+    consistency: list[float] = []
+    any_entailed = False
+    gold_dist: dict[str, Counter] = {}
+    pred_dist: dict[str, Counter] = {}
+    for q, d in scored.items():
+        s = right[q]
+        for key in ("accuracy", "open" if d.structural == GQA_OPEN_TYPE else "binary",
+                    f"structural/{d.structural}", f"semantic/{d.semantic}"):
+            by.setdefault(key, []).append(s)
+        if choices is not None:
+            validity.append(float(_gqa_belongs(predictions[q], choices[q].valid, d)))
+            plausibility.append(float(_gqa_belongs(predictions[q], choices[q].plausible, d)))
+        entailed = [e for e in d.entailed if e != q and e in questions]
+        any_entailed = any_entailed or bool(entailed)
+        if s and entailed:
+            consistency.append(sum(right[e] for e in entailed) / len(entailed))
+        if d.global_group is not None:
+            gold_dist.setdefault(d.global_group, Counter())[d.answer] += 1
+            pred_dist.setdefault(d.global_group, Counter())[predictions[q]] += 1
+    out = {k: _percent(v) for k, v in by.items() if k in ("accuracy", "binary", "open")}
+    if not scored:
+        out["accuracy"] = 0.0
+    if any_entailed:  # the official average of an empty list is 0: no question right
+        out["consistency"] = _percent(consistency) if consistency else 0.0
+    if choices is not None and scored:
+        out["validity"] = _percent(validity)
+        out["plausibility"] = _percent(plausibility)
+    distribution = gqa_distribution(gold_dist, pred_dist)
+    if distribution is not None:
+        out["distribution"] = distribution
+    for prefix in ("structural/", "semantic/"):
+        out.update({k: _percent(by[k]) for k in sorted(by) if k.startswith(prefix)})
+    return out
 
 
 def _as_bool(value: Any, what: str) -> bool:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from lxmert_bench.metrics import (
@@ -90,6 +92,8 @@ def test_gqa_fine_tuning_scores_by_structural_type_when_the_records_carry_it(tmp
 
     data = DataConfig(root=str(tmp_path / "syn"), synthetic=True, synthetic_images=100)
     ensure_data(data)
+    # without the official balanced files (tests/test_gqa_official.py scores with them)
+    shutil.rmtree(tmp_path / "syn" / "gqa" / "questions")
     dev = GQADataset(data.root, ["testdev"], load_tokenizer(data))
     raw = dev.raw_examples
     predictions = {d["question_id"]: "yes" for d in raw}

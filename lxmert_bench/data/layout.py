@@ -151,7 +151,13 @@ def check_data_root(root: str | Path, needs: list[tuple[str, str]]) -> list[str]
             problem = _json_problem(path, what)
             if problem:
                 problems.append(problem)
+    from lxmert_bench.data.gqa_questions import gqa_eval_problems  # optional evaluation files
+
+    for dataset, split in known:
+        if dataset == "gqa" and not problems:
+            problems += gqa_eval_problems(root, split, split_files(dataset, split).json_path(root))
     return problems
+
 
 
 def _json_problem(path: Path, what: str) -> str | None:

@@ -588,6 +588,80 @@ def _answer_table(counts: Counter) -> tuple[dict[str, int], list[str]]:
     return {a: i for i, a in enumerate(label2ans)}, label2ans
 
 
+# --- the official GQA question and choices files (gqa/questions/), for the official metrics.
+# Derived from the LXMERT-format records alone (no random draws), so every other file stays as
+# it was. Each question template maps to its GQA types; "entailed" lists the other questions of
+# the same image about one of the same objects (a stand-in for GQA's logical entailment).
+_GQA_TEMPLATES: tuple[tuple[re.Pattern[str], str, str, str, str | None, tuple[str, ...]], ...] = (
+    # pattern, structural, semantic, detailed, global group, valid answers
+    (re.compile(r"What is the color of the (\w+)\?"), "query", "attr", "queryAttr", "color",
+     COLORS),
+    (re.compile(r"Is the (\w+) to the left or to the right of the (\w+)\?"), "choose", "rel",
+     "chooseRel", None, ("left", "right")),
+    (re.compile(r"Which object is (\w+)\?"), "query", "cat", "categoryAttr", "object", OBJECTS),
+    (re.compile(r"Are there both (\w+) and (\w+) in the image\?"), "logical", "obj", "existAnd",
+     None, ("yes", "no")),
+    (re.compile(r"Is the (\w+) small or big\?"), "choose", "attr", "chooseAttr", None, SIZES),
+    (re.compile(r"What is the object to the (?:left|right) of the (\w+)\?"), "query", "rel",
+     "relS", "object", OBJECTS),
+)
+_SINGULAR = {plural: name for name, plural in PLURALS.items()}
+
+
+def gqa_official_records(records: list[dict[str, Any]], plausible_from: list[dict[str, Any]]
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(balanced questions, choices) in the official GQA formats for LXMERT-format ``records``;
+    an answer is plausible when some question of the same template about the same objects in
+    ``plausible_from`` (all splits) has it."""
+    def parse(d: dict[str, Any]) -> tuple[tuple, tuple[str, ...]]:
+        for template in _GQA_TEMPLATES:
+            m = template[0].fullmatch(d["sent"])
+            if m:
+                names = tuple(_SINGULAR.get(g, g) for g in m.groups() if g not in COLORS)
+                return template, names
+        raise ValueError(f"synthetic GQA question {d['sent']!r} matches no template")
+
+    seen: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+    for d in plausible_from:
+        template, names = parse(d)
+        seen.setdefault((template[3], names), set()).update(d["label"])
+    by_image: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    parsed = []
+    for d in records:
+        template, names = parse(d)
+        parsed.append((d, template, names))
+        by_image.setdefault(d["img_id"], []).append((d["question_id"], names))
+    questions, choices = {}, {}
+    for d, (_, structural, semantic, detailed, group, valid), names in parsed:
+        qid, answer = d["question_id"], next(iter(d["label"]))
+        entailed = [q for q, other in by_image[d["img_id"]] if q != qid and set(other) & set(names)]
+        program = [{"operation": "select", "argument": n, "dependencies": []} for n in names]
+        program.append({"operation": f"{structural} {semantic}", "argument": detailed,
+                        "dependencies": list(range(len(names)))})
+        questions[qid] = {
+            "question": d["sent"], "imageId": d["img_id"], "answer": answer,
+            "fullAnswer": f"The answer is {answer}.", "isBalanced": True,
+            "types": {"structural": structural, "semantic": semantic, "detailed": detailed},
+            "groups": {"global": group, "local": f"{detailed}-{'-'.join(names)}"},
+            "entailed": entailed, "equivalent": [qid], "semantic": program,
+            "semanticStr": " ".join(f"{o['operation']}: {o['argument']}" for o in program),
+            "annotations": {"question": {}, "answer": {}, "fullAnswer": {}},
+        }
+        choices[qid] = {"valid": list(valid),
+                        "plausible": sorted(seen.get((detailed, names), {answer}))}
+    return questions, choices
+
+
+def write_gqa_official_files(out: Path, gqa_task: dict[str, list[dict[str, Any]]]) -> None:
+    """``gqa/questions/{val,testdev}_balanced_questions.json`` and ``..._choices.json`` (the GQA
+    release's names; LXMERT's ``valid`` split is its ``val`` tier)."""
+    everything = [d for split in gqa_task.values() for d in split]
+    for split, tier in (("valid", "val"), ("testdev", "testdev")):
+        questions, choices = gqa_official_records(gqa_task[split], everything)
+        _dump(out / "gqa" / "questions" / f"{tier}_balanced_questions.json", questions)
+        _dump(out / "gqa" / "questions" / f"{tier}_choices.json", choices)
+
+
 def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
                        feature_dim: int = 2048, progress: bool = True) -> dict[str, Any]:
     """Write the synthetic benchmark into ``out_dir`` (deterministic in ``images``, ``seed`` and
@@ -717,6 +791,7 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
         _dump(out / "gqa" / f"{name}.json", data)
     _dump(out / "gqa" / "trainval_ans2label.json", gqa_a2l)
     _dump(out / "gqa" / "trainval_label2ans.json", gqa_l2a)
+    write_gqa_official_files(out, gqa_task)
     for name, data in nlvr2.items():
         _dump(out / "nlvr2" / f"{name}.json", data)
     for name, data in corpus.items():

@@ -228,9 +228,35 @@ def score(task: str, predictions: dict[Any, Any], dev_data: Any) -> tuple[dict[s
         types = {d["question_id"]: d.get("answer_type", "other") for d in raw}
         return (M.vqa_scores(predictions, labels, answer_types=types),
                 M.vqa_example_scores(predictions, labels=labels))
+    official = gqa_official_questions(dev_data)
+    if official is not None:  # the official balanced files: their metrics, the local accuracy
+        files, questions = official
+        accuracy = M.gqa_accuracy(predictions, labels)  # refuses an incomplete set first
+        metrics = M.gqa_official_metrics({q: predictions[q] for q in questions}, questions,
+                                         files.choices)
+        return {**metrics, "accuracy": accuracy}, M.gqa_example_scores(predictions, labels)
     types = gqa_structural_types(raw)
     return (M.gqa_scores(predictions, labels, structural_types=types),
             M.gqa_example_scores(predictions, labels))
+
+
+def gqa_official_questions(dev_data: Any) -> tuple[Any, dict[str, M.GQAQuestion]] | None:
+    """(the dev split's official files, their questions among the dev examples), or None without
+    a balanced question file. Questions whose images are not loaded (``data.image_limit``) are
+    left out; a dev question missing from the file is an error naming it."""
+    from lxmert_bench.data.gqa_questions import load_gqa_eval_files
+
+    if len(dev_data.splits) != 1:
+        return None
+    files = load_gqa_eval_files(dev_data.root, dev_data.splits[0])
+    if files is None:
+        return None
+    ids = [str(d["question_id"]) for d in dev_data.raw_examples]
+    missing = [q for q in ids if q not in files.questions]
+    if missing:
+        raise ValueError(f"{files.questions_path}: {len(missing)} of the {len(ids)} dev questions "
+                         f"are not in it (e.g. {missing[0]!r}); is it the split's balanced file?")
+    return files, {q: files.questions[q] for q in ids}
 
 
 def gqa_structural_types(raw: list[dict[str, Any]]) -> dict[Any, str] | None:
@@ -319,5 +345,25 @@ def metric_notes(task: str, dev_data: Any) -> dict[str, Any]:
     """How the metrics were computed where that is not the official evaluator (for reports)."""
     if task != "gqa":
         return {}
-    rule = M.gqa_binary_rule(gqa_structural_types(dev_data.raw_examples))
-    return {"metric_notes": {"gqa binary/open": rule}}
+    official = gqa_official_questions(dev_data)
+    if official is None:
+        from lxmert_bench.data.gqa_questions import questions_file
+
+        rule = M.gqa_binary_rule(gqa_structural_types(dev_data.raw_examples))
+        wanted = questions_file(dev_data.splits[0]) if len(dev_data.splits) == 1 else None
+        absent = (f"no official {wanted} under data.root" if wanted
+                  else "no official balanced question file for this split")
+        return {"metric_notes": {"gqa binary/open": rule, "gqa official metrics":
+                                 f"not computed: {absent}"}}
+    files, questions = official
+    choices = (f"validity / plausibility from {files.choices_path.name}" if files.choices
+               else f"validity / plausibility not computed (no {files.choices_path.name})")
+    subset = (f" over {len(questions)} of its {len(files.questions)} questions (the others' "
+              "images are not loaded)" if len(questions) < len(files.questions) else "")
+    return {"metric_notes": {
+        "gqa binary/open": M.gqa_binary_rule({}),
+        "gqa official metrics": (
+            f"official eval.py rules on {files.questions_path.name}{subset}; {choices}; "
+            "consistency over the entailed questions in that file; distribution is the "
+            "chi-square score / 100 (lower is better); grounding not computed (needs attention "
+            "maps)")}}
