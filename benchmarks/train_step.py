@@ -110,9 +110,10 @@ def demo_schedule() -> dict[str, float]:
 def demo(workdir: Path, device: str, seed: int = 0, **schedule: float) -> dict:
     """Pretraining then VQA / GQA / NLVR2 fine-tuning, and the same fine-tunings from scratch
     (Table 3's "Train + scratch"), on the demo profile's schedule unless ``schedule`` says otherwise."""
+    from lxmert_bench.data.root import ensure_data_root
     from lxmert_bench.plan import synthetic_name
     from lxmert_bench.store import RunDir
-    from lxmert_bench.train.stages import ensure_data, run_stage
+    from lxmert_bench.train.stages import run_stage
 
     sched = {**demo_schedule(), **{k: v for k, v in schedule.items() if v is not None}}
     images = int(sched["images"])
@@ -123,7 +124,7 @@ def demo(workdir: Path, device: str, seed: int = 0, **schedule: float) -> dict:
     common = dict(model=model, data=data, log_every=10, checkpoint_every=200, device=device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ensure_data(data)
+    ensure_data_root(data)
     timings["data"] = time.perf_counter() - t0
 
     def stage(name: str, cfg: RunConfig) -> dict:

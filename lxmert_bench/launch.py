@@ -868,11 +868,11 @@ def launch(
 
 def prepare_data(stages: list[Stage]) -> None:
     """Generate each synthetic benchmark a plan needs once, here, rather than in every job."""
-    from lxmert_bench.data.synthetic import ensure_synthetic_root
+    from lxmert_bench.data.root import ensure_data_root
 
     for data in {st.config.data.root: st.config.data for st in stages
                  if st.config.data.synthetic}.values():
-        ensure_synthetic_root(data.root, data.synthetic_images, data.synthetic_seed)
+        ensure_data_root(data)
 
 
 def snapshot_code(workdir: Path) -> tuple[Path, dict[str, Any]]:

@@ -19,12 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lxmert_bench.config import DataConfig, PretrainConfig
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.model import LxmertConfig, LxmertForPretraining
 from lxmert_bench.train.common import load_tokenizer
 from lxmert_bench.train.loop import TRAIN_STREAM, example_rng
 from lxmert_bench.train.pretrain import make_examples, pretrain_forward, pretrain_train_forward
-from lxmert_bench.train.stages import ensure_data
 
 SPLITS = ("mscoco_train", "mscoco_nominival", "vgnococo")
 GLOBAL_BATCH = 16
@@ -88,7 +88,7 @@ def _rank(rank: int, world: int, port: int, root: str, out_dir: str) -> None:
 def root(tmp_path_factory) -> str:
     cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
                      synthetic_images=120)
-    ensure_data(cfg)
+    ensure_data_root(cfg)
     return cfg.root
 
 
@@ -134,7 +134,7 @@ def test_pretraining_stage_with_two_ranks_logs_the_one_process_losses(root, tmp_
                     pretrain=dataclasses.replace(P, optim=OptimConfig(batch_size=16, epochs=1,
                                                                       max_steps=3)),
                     log_every=1, checkpoint_every=100, device="cpu")
-    ensure_data(data)
+    ensure_data_root(data)
     dirs = {}
     for name in ("one", "two"):
         dirs[name] = RunDir(tmp_path / name, cfg.stage_id)

@@ -42,7 +42,7 @@ from _slurm_stages import (
     wait_for_step,
 )
 
-from lxmert_bench.train.stages import ensure_data
+from lxmert_bench.data.root import ensure_data_root
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ DIST_LINE = re.compile(r"\[distributed\] rank (\d)/2 \(local 0\) on (\S+): gloo,
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "syn"
-    ensure_data(pretrain_config(root, STEPS).data)
+    ensure_data_root(pretrain_config(root, STEPS).data)
     return root
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lxmert_bench.config import TASK_DEFAULTS, DataConfig, PretrainConfig, RunConfig
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import (
     GQADataset,
     ImageFeatures,
@@ -18,7 +19,6 @@ from lxmert_bench.data.tasks import (
 )
 from lxmert_bench.model import LxmertConfig
 from lxmert_bench.train.common import load_tokenizer
-from lxmert_bench.train.stages import ensure_data
 
 SPLITS = ("mscoco_train", "mscoco_nominival", "vgnococo")
 
@@ -27,7 +27,7 @@ SPLITS = ("mscoco_train", "mscoco_nominival", "vgnococo")
 def data(tmp_path_factory) -> DataConfig:
     cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
                      synthetic_images=100)
-    ensure_data(cfg)
+    ensure_data_root(cfg)
     return cfg
 
 

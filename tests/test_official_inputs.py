@@ -11,11 +11,11 @@ import pytest
 
 from lxmert_bench.config import PretrainConfig, RunConfig
 from lxmert_bench.data.pretrain import IGNORE, PretrainExamples
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.train.common import load_tokenizer
 from lxmert_bench.train.loop import example_rng
 from lxmert_bench.train.pretrain import make_examples
-from lxmert_bench.train.stages import ensure_data
 
 SPLITS = ("mscoco_train", "mscoco_nominival", "vgnococo")
 OFF = dict(mask_lm=False, matched=False, visual_losses=(), qa=False)
@@ -27,7 +27,7 @@ def data(tmp_path_factory):
 
     cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
                      synthetic_images=120)
-    ensure_data(cfg)
+    ensure_data_root(cfg)
     return cfg
 
 

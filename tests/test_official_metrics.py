@@ -85,13 +85,13 @@ def test_gqa_binary_and_open_by_structural_type():
 
 def test_gqa_fine_tuning_scores_by_structural_type_when_the_records_carry_it(tmp_path):
     from lxmert_bench.config import DataConfig
+    from lxmert_bench.data.root import ensure_data_root
     from lxmert_bench.data.tasks import GQADataset
     from lxmert_bench.train.common import load_tokenizer
     from lxmert_bench.train.finetune import metric_notes, score
-    from lxmert_bench.train.stages import ensure_data
 
     data = DataConfig(root=str(tmp_path / "syn"), synthetic=True, synthetic_images=100)
-    ensure_data(data)
+    ensure_data_root(data)
     # without the official balanced files (tests/test_gqa_official.py scores with them)
     shutil.rmtree(tmp_path / "syn" / "gqa" / "questions")
     dev = GQADataset(data.root, ["testdev"], load_tokenizer(data))

@@ -34,9 +34,9 @@ from _slurm_stages import (
     wait_for_step,
 )
 
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.loop import DIST_TIMEOUT_ENV, dist_timeout_s, load_checkpoint
-from lxmert_bench.train.stages import ensure_data
 
 STEPS = 400  # ~15 s of the test model on one core
 
@@ -44,7 +44,7 @@ STEPS = 400  # ~15 s of the test model on one core
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "syn"
-    ensure_data(pretrain_config(root, STEPS).data)  # once here, not racing in two jobs
+    ensure_data_root(pretrain_config(root, STEPS).data)  # once here, not racing in two jobs
     return root
 
 

@@ -417,14 +417,14 @@ def test_most_boxes_show_objects_with_duplicates_inside_them(bench) -> None:
 
 def test_a_root_generated_with_other_inputs_is_refused_not_reused(tmp_path) -> None:
     from lxmert_bench.config import DataConfig
-    from lxmert_bench.train.stages import ensure_data
+    from lxmert_bench.data.root import ensure_data_root
 
     root = tmp_path / "syn"
     generate_synthetic(root, images=MIN_IMAGES, seed=0, feature_dim=DIM, progress=False)
     assert synthetic_root_problem(root, MIN_IMAGES, 0) is None
-    assert ensure_data(DataConfig(root=str(root), synthetic=True, synthetic_images=MIN_IMAGES)) == root
+    assert ensure_data_root(DataConfig(root=str(root), synthetic=True, synthetic_images=MIN_IMAGES)) == root
     problem = synthetic_root_problem(root, MIN_IMAGES + 20, 0)
     assert problem and "synthetic.json" in problem and f"'images': {MIN_IMAGES + 20}" in problem
     with pytest.raises(ValueError, match="remove the directory to regenerate it"):
-        ensure_data(DataConfig(root=str(root), synthetic=True, synthetic_images=MIN_IMAGES + 20))
+        ensure_data_root(DataConfig(root=str(root), synthetic=True, synthetic_images=MIN_IMAGES + 20))
     assert (root / "vocab.txt").is_file()  # nothing removed

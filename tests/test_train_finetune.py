@@ -19,11 +19,12 @@ from lxmert_bench.config import (
     RunConfig,
 )
 from lxmert_bench.data.answers import AnswerTable, load_task_answers
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.model import LxmertConfig, LxmertForQuestionAnswering
 from lxmert_bench.model.weights import canonical_state_dict
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.finetune import build_model, initialise, load_qa_head
-from lxmert_bench.train.stages import ensure_data, run_stage
+from lxmert_bench.train.stages import run_stage
 
 RESULT_KEYS = {
     "stage_id", "kind", "config_hash", "seed", "task", "metrics", "last_metrics", "best_epoch",
@@ -45,7 +46,7 @@ def workdir(tmp_path_factory) -> Path:
 def data(workdir) -> DataConfig:
     cfg = DataConfig(root=str(workdir / "data" / "syn"), synthetic=True, synthetic_images=120,
                      fingerprint="synthetic-test")
-    ensure_data(cfg)
+    ensure_data_root(cfg)
     return cfg
 
 

@@ -11,13 +11,14 @@ import torch
 
 from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig, RunConfig
 from lxmert_bench.data.pretrain import IGNORE, PretrainExamples
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.model import LxmertConfig, LxmertForPretraining
 from lxmert_bench.model.weights import load_weights
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.common import load_tokenizer
 from lxmert_bench.train.loop import example_rng
-from lxmert_bench.train.stages import ensure_data, run_stage
+from lxmert_bench.train.stages import run_stage
 
 SPLITS = ("mscoco_train", "mscoco_nominival", "vgnococo")
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def data(tmp_path_factory) -> DataConfig:
     cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
                      synthetic_images=120)
-    ensure_data(cfg)
+    ensure_data_root(cfg)
     return cfg
 
 

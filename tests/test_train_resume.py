@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from lxmert_bench.config import TASK_DEFAULTS, DataConfig, OptimConfig, PretrainConfig, RunConfig
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.model import LxmertConfig
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.loop import load_checkpoint
-from lxmert_bench.train.stages import ensure_data, run_stage
+from lxmert_bench.train.stages import run_stage
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -30,7 +31,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def data(tmp_path_factory) -> DataConfig:
     cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
                      synthetic_images=120, image_limit=6)
-    ensure_data(cfg)
+    ensure_data_root(cfg)
     return cfg
 
 

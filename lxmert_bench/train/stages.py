@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from lxmert_bench import __version__
-from lxmert_bench.config import DataConfig, RunConfig
+from lxmert_bench.config import RunConfig
+from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.io import utc_now
 from lxmert_bench.provenance import code_provenance
 from lxmert_bench.store import RunDir, StageBusy
@@ -109,7 +110,7 @@ def _execute(run_dir: RunDir) -> dict[str, Any]:
     try:
         info = setup_distributed(config.device)
         started = time.perf_counter()
-        ensure_data(config.data)
+        ensure_data_root(config.data)
         if config.kind == "bert":
             from lxmert_bench.train.bert import run_bert as run_kind
         elif config.kind == "pretrain":
@@ -181,22 +182,6 @@ def build_result(config: RunConfig, part: dict[str, Any], wall_s: float) -> dict
         "finished_at": utc_now(),
     })
     return result
-
-
-def ensure_data(data: DataConfig) -> Path:
-    """The data root; a synthetic benchmark that is missing is generated there first (see
-    :func:`~lxmert_bench.data.synthetic.ensure_synthetic_root`: only into a missing or empty
-    directory, never over anyone's files)."""
-    root = Path(data.root)
-    if data.synthetic:
-        from lxmert_bench.data.synthetic import ensure_synthetic_root
-
-        ensure_synthetic_root(root, data.synthetic_images, data.synthetic_seed)
-        return root
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root}: directory not found (expected the LXMERT data "
-                                "layout; see docs/internals.md, or set data.synthetic: true)")
-    return root
 
 
 def main(argv: list[str] | None = None) -> int:
