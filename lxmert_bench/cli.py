@@ -321,9 +321,10 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
     spec = plan.specs[0]
     print(f"Plan for {', '.join(s.name for s in plan.specs)} (profile: {spec.profile.name}, "
           f"resources: {resources.name})")
-    for sp in plan.specs:
-        if sp.seeds_note:
-            print(f"{sp.name}: {sp.seeds_note}")
+    from lxmert_bench.plan import plan_notes
+
+    for note in plan_notes(plan):
+        print(note)
     table = [[r["state"], r["kind"], r["stage"].split("/")[1], r["what"],
               f"{r['shared_by']} variants" if r["shared_by"] > 1 else "",
               f"{r['gpus']} GPU, {r['time_min']} min" if r["gpus"] else f"CPU, {r['time_min']} min",

@@ -255,6 +255,31 @@ def make_plan(specs: list[Spec] | Spec, workdir: str | Path) -> Plan:
     return Plan(specs=list(specs), stages=stages, entries=entries)
 
 
+def plan_notes(plan: Plan) -> list[str]:
+    """What `plan` says about a spec beside its stages: seeds a profile leaves out, and a changed
+    object mask rate with the visual loss weight kept at the official constant."""
+    notes: list[str] = []
+    for spec in plan.specs:
+        if spec.seeds_note:
+            notes.append(f"{spec.name}: {spec.seeds_note}")
+        rates: dict[float, list[str]] = {}
+        for v in spec.variants:
+            s = spec.settings(v)
+            p = apply(PretrainConfig(), _split(s, "pretrain."))
+            if (p.enabled and p.visual_losses and "pretrain.visual_loss_weight" not in s
+                    and p.obj_mask_rate != PretrainConfig.obj_mask_rate):
+                rates.setdefault(p.obj_mask_rate, []).append(v.name)
+        for rate, names in rates.items():
+            shown = ", ".join(repr(n) for n in names[:3]) + (
+                f" and {len(names) - 3} more" if len(names) > 3 else "")
+            notes.append(
+                f"{spec.name}: pretrain.obj_mask_rate is {rate:g} in {shown}, and "
+                f"pretrain.visual_loss_weight stays the official constant 1/0.15 "
+                f"({PretrainConfig.visual_loss_weight:.4g}), as the official code keeps it whatever "
+                "the rate; set pretrain.visual_loss_weight to scale it (e.g. 1/rate)")
+    return notes
+
+
 def check_data(plan: Plan) -> list[str]:
     """Problems with the data the plan reads (missing root or files), named by key and path."""
     from lxmert_bench.data.layout import check_data_root

@@ -10,7 +10,9 @@ Override precedence, lowest first: the paper's defaults < profile < spec ``base`
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,12 @@ SPEC_KEYS = {
     "title": "a human title for the report",
     "description": "free text",
     "reference": f"the paper table it reproduces: one of {', '.join(REFERENCES)} (or null)",
-    "reference_variant": "the variant the others are tested against for significance",
+    "reference_variant": "the variant (with axes: the cell) the others are tested against for "
+                         "significance",
     "base": "overrides applied to every variant",
     "variants": "a mapping of variant name -> overrides (or a list of {name, set})",
+    "axes": "a mapping of key -> list of values, crossed with the variants (one cell per "
+            "combination, named like 'Feat + Label, obj_mask_rate=0.3')",
     "tasks": f"fine-tuning tasks, a subset of {list(TASKS)}",
     "seeds": "a list of integer seeds (fine-tuning; pretraining too with seed_pretraining)",
     "seed_pretraining": "true: one pretraining per seed; false (default): one per variant",
@@ -242,23 +247,31 @@ def validate_overrides(
     out: dict[str, Any] = {}
     for key, value in flat.items():
         loc = where(*path, *key.split(".")) if key.split(".")[0] in overrides else where(*path, key)
-        if not isinstance(key, str) or key not in SCHEMA:
-            close = difflib.get_close_matches(str(key), SCHEMA.keys(), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(f"{loc}: {label}.{key}: unknown key{hint}")
+        problem = _key_problem(key)
+        if problem is None:
+            problem, value = _value_problem(key, value)
+        if problem:
+            problems.append(f"{loc}: {label}.{key}: {problem}")
             continue
-        ok, norm = _check_type(SCHEMA[key], value)
-        if not ok:
-            problems.append(
-                f"{loc}: {label}.{key}: expected {type_name(SCHEMA[key])}, got {value!r}"
-            )
-            continue
-        bad = _check_value(key, norm) if norm is not None else None
-        if bad:
-            problems.append(f"{loc}: {label}.{key}: {bad}")
-            continue
-        out[key] = norm
+        out[key] = value
     return out
+
+
+def _key_problem(key: Any) -> str | None:
+    """'unknown key' (with a did-you-mean) for a key the schema does not have, else None."""
+    if isinstance(key, str) and key in SCHEMA:
+        return None
+    close = difflib.get_close_matches(str(key), SCHEMA.keys(), n=1, cutoff=0.6)
+    return "unknown key" + (f"; did you mean '{close[0]}'?" if close else "")
+
+
+def _value_problem(key: str, value: Any) -> tuple[str | None, Any]:
+    """(problem or None, normalised value) for a value of a schema key."""
+    ok, norm = _check_type(SCHEMA[key], value)
+    if not ok:
+        return f"expected {type_name(SCHEMA[key])}, got {value!r}", value
+    bad = _check_value(key, norm) if norm is not None else None
+    return bad, norm
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -359,8 +372,14 @@ def _seeds_problem(seeds: Any) -> str | None:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
+    """One row of a report: a declared variant, or one cell of a variant crossed with the axes
+    (``group`` the declared variant's name, None without one; ``axis_values`` its axes' values,
+    which ``overrides`` holds too)."""
+
     name: str
     overrides: dict[str, Any]
+    group: str | None = None
+    axis_values: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -379,6 +398,7 @@ class Spec:
     base: dict[str, Any] = field(default_factory=dict)
     cli_overrides: dict[str, Any] = field(default_factory=dict)
     declared_seeds: tuple[int, ...] = ()  # as the spec file lists them, before max_seeds
+    axes: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key, values), crossed with the variants
 
     @property
     def seeds_note(self) -> str:
@@ -461,9 +481,12 @@ def load_spec(
 
     base = validate_overrides(data.get("base"), where, ("base",), problems)
 
+    axes = _load_axes(data.get("axes"), where, problems)
     variants: list[Variant] = []
     raw_variants = data.get("variants")
-    if raw_variants is None:
+    if raw_variants is None and axes:
+        variants.append(Variant("", {}))  # the axes alone: cells named by their values
+    elif raw_variants is None:
         problems.append(f"{path}: variants: missing ({SPEC_KEYS['variants']})")
     elif isinstance(raw_variants, dict):
         if not raw_variants:
@@ -495,14 +518,17 @@ def load_spec(
     else:
         problems.append(f"{where('variants')}: variants: {SPEC_KEYS['variants']}")
     _check_variant_names(variants, where, problems)
+    if axes:
+        variants = _cross(variants, axes, where, problems)
 
     ref_variant = data.get("reference_variant")
     names = [v.name for v in variants]
     if ref_variant is not None and ref_variant not in names:
         close = difflib.get_close_matches(str(ref_variant), names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
+        cells = " (with axes, a cell: the variant and its axis values)" if axes else ""
         problems.append(f"{where('reference_variant')}: reference_variant: {ref_variant!r} is not "
-                        f"a variant{hint}")
+                        f"a variant{cells}{hint}")
 
     try:
         cli = parse_set(overrides)
@@ -510,6 +536,10 @@ def load_spec(
         problems.extend(e.problems)
         cli = {}
     cli = validate_overrides(cli, _Where("--set", {}), ("--set",), problems)
+    for key, _values in axes:
+        if key in cli:
+            problems.append(f"--set {key}: {key} is an axis of {path} (axes.{key}); --set would "
+                            "give every cell the same value: change the axis instead")
 
     if problems:
         raise SpecError(problems)
@@ -519,7 +549,7 @@ def load_spec(
         tasks=tuple(tasks), seeds=effective_seeds(seeds, prof), profile=prof,
         reference=reference, reference_variant=ref_variant or (names[-1] if names else None),
         description=str(data.get("description", "")), seed_pretraining=seed_pretraining,
-        base=base, cli_overrides=cli, declared_seeds=tuple(seeds or ()),
+        base=base, cli_overrides=cli, declared_seeds=tuple(seeds or ()), axes=tuple(axes),
     )
     _check_consistency(spec, where, problems)
     if problems:
@@ -532,6 +562,87 @@ def effective_seeds(spec_seeds: list[int] | None, profile: Profile) -> tuple[int
     profile's ``max_seeds`` keeps the first N (the test profile runs one seed of any spec)."""
     seeds = tuple(spec_seeds) if spec_seeds else (profile.seeds or (0,))
     return seeds[:profile.max_seeds] if profile.max_seeds else seeds
+
+
+def _load_axes(raw: Any, where: _Where, problems: list[str]) -> list[tuple[str, tuple[Any, ...]]]:
+    """``axes: {key: [values]}`` -> [(key, normalised values)], each value checked like an
+    override of that key."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"{where('axes')}: axes: expected a non-empty mapping of key: [values] "
+                        f"(e.g. axes: {{pretrain.obj_mask_rate: [0.1, 0.15, 0.3]}}), got {raw!r}")
+        return []
+    axes: list[tuple[str, tuple[Any, ...]]] = []
+    for key, values in flatten(raw).items():
+        keypath = tuple(str(key).split(".")) if str(key).split(".")[0] in raw else (key,)
+        loc = where("axes", *keypath)
+        problem = _key_problem(key)
+        if problem:
+            problems.append(f"{loc}: axes.{key}: {problem}")
+            continue
+        if not isinstance(values, list) or not values:
+            problems.append(f"{loc}: axes.{key}: expected a non-empty list of values, "
+                            f"got {values!r}")
+            continue
+        norm: list[Any] = []
+        for i, value in enumerate(values):
+            problem, value = _value_problem(key, value)
+            if problem:
+                problems.append(f"{where('axes', *keypath, i)}: axes.{key}[{i}]: "
+                                f"{problem}")
+            elif value in norm:
+                problems.append(f"{loc}: axes.{key}: the value {value!r} is listed twice")
+            else:
+                norm.append(value)
+        if len(norm) == len(values):
+            axes.append((key, tuple(norm)))
+    return axes
+
+
+def axis_label(key: str, keys: list[str] | tuple[str, ...]) -> str:
+    """An axis as a cell name shows it: the last part of its key where that is unique among the
+    spec's axes ('obj_mask_rate'), else the whole key ('pretrain.optim.lr')."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf if [k.rsplit(".", 1)[-1] for k in keys].count(leaf) == 1 else key
+
+
+def format_value(value: Any) -> str:
+    """A setting as a cell name shows it, the way a spec would write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(format_value, value)) + "]"
+    return str(value)
+
+
+def _cross(variants: list[Variant], axes: list[tuple[str, tuple[Any, ...]]], where: _Where,
+           problems: list[str]) -> list[Variant]:
+    """Every variant crossed with every combination of the axes' values (variants outermost,
+    the last axis fastest), named '<variant>, <axis>=<value>, ...'."""
+    keys = [k for k, _ in axes]
+    cells: list[Variant] = []
+    for v in variants:
+        clash = [k for k in keys if k in v.overrides]
+        if clash:
+            problems.append(f"{where('variants', v.name)}: variant {v.name!r} sets "
+                            f"{', '.join(clash)}, which is an axis; set it in axes only")
+            continue
+        for combo in itertools.product(*(values for _, values in axes)):
+            values = tuple(zip(keys, combo))
+            parts = [f"{axis_label(k, keys)}={format_value(x)}" for k, x in values]
+            cells.append(Variant(", ".join([v.name, *parts] if v.name else parts),
+                                 {**v.overrides, **dict(values)}, v.name or None, values))
+    counts = Counter(c.name for c in cells)
+    for name, n in counts.items():
+        if n > 1:
+            problems.append(f"{where('axes')}: axes: the cell name {name!r} comes out {n} times "
+                            "(a variant named like a cell?); rename the variant")
+    return cells
 
 
 def _check_variant_names(variants: list[Variant], where: _Where, problems: list[str]) -> None:

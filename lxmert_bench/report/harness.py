@@ -12,12 +12,18 @@ from lxmert_bench.spec import Spec
 
 
 def report_spec(spec: Spec) -> ReportSpec:
+    from lxmert_bench.spec import axis_label, format_value
+
+    keys = [k for k, _ in spec.axes]
     return ReportSpec(
         name=spec.name, title=spec.title, variants=[v.name for v in spec.variants],
         tasks=list(spec.tasks), reference=spec.reference, reference_variant=spec.reference_variant,
         profile=spec.profile.name,
         notes={"profile_description": spec.profile.description, "spec_path": spec.path,
                "seeds": list(spec.seeds), "overrides": dict(spec.cli_overrides)},
+        axes={axis_label(k, keys): [format_value(x) for x in values] for k, values in spec.axes},
+        cells={v.name: (v.group, {axis_label(k, keys): format_value(x) for k, x in v.axis_values})
+               for v in spec.variants if v.axis_values},
     )
 
 

@@ -36,6 +36,7 @@ from lxmert_bench.report.significance import N_RESAMPLES, Comparison, compare_to
 from lxmert_bench.report.tables import (
     TASK_LABELS,
     Summary,
+    axis_tables,
     detail_tables,
     main_table,
     main_table_legend,
@@ -281,6 +282,10 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
                 significance_table(comparisons), "",
                 f"Paired by seed (t-test) or by dev example (bootstrap, {n_resamples:,} resamples, "
                 "fixed seed); Δ and its 95% CI in accuracy points, variant minus reference.", ""]
+    for title, table in axis_tables(summary, spec).items():
+        out += [f"### {md_text(title)}", "", table, "",
+                "Dev-set accuracy (%) of each cell, as in the table above; a row holds everything "
+                "but this axis fixed, its best per task in **bold**.", ""]
     out += ["## Details", ""]
     for title, table in detail_tables(summary, spec).items():
         out += [f"### {title}", "", table, ""]

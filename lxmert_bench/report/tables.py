@@ -262,3 +262,35 @@ def detail_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[s
     if any(k == "pretrain" for (k, _v, _t) in summary.states):
         out["Pretraining losses (final validation loss per task)"] = pretraining_table(summary, spec)
     return out
+
+
+def axis_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[str, str]:
+    """Title -> table for each axis of a spec with axes: rows = the declared variants (and the
+    other axes' values), columns = this axis's values per task (main metric); the best of each
+    task in a row in bold, so a row reads as the effect of the axis with all else fixed."""
+    out: dict[str, str] = {}
+    for axis, values in spec.axes.items():
+        rows_of: dict[str, dict[str, str]] = {}  # row label -> axis value -> cell (variant)
+        for cell in spec.variants:
+            group, at = spec.cells.get(cell, (None, {}))
+            if axis not in at:
+                continue
+            rest = [f"{a}={v}" for a, v in at.items() if a != axis]
+            label = ", ".join([group, *rest] if group else rest) or "—"
+            rows_of.setdefault(label, {})[at[axis]] = cell
+        headers = ["Variant"] + [f"{TASK_LABELS[t]} {axis}={v}" for t in spec.tasks for v in values]
+        rows = []
+        for label, by_value in rows_of.items():
+            row = [md_text(label)]
+            for task in spec.tasks:
+                means = {v: mean_std(summary.cell("finetune", c, task, MAIN_METRIC))[0]
+                         for v, c in by_value.items()}
+                best = _best(means, True)
+                for v in values:
+                    c = by_value.get(v)
+                    row.append(NO_RUNS if c is None else format_cell(
+                        summary.cell("finetune", c, task, MAIN_METRIC),
+                        summary.state("finetune", c, task), digits, bold=v in best))
+            rows.append(row)
+        out[f"Per axis: {axis}"] = markdown_table(headers, rows)
+    return out
