@@ -22,14 +22,15 @@ from lxmert_bench.data.features import (
     read_obj_tsv,
     write_obj_tsv,
 )
+from lxmert_bench.data.layout import SplitFiles
 from lxmert_bench.data.store import (
     FeatureStore,
-    FeatureStores,
     StoreError,
     convert_main,
     convert_tsvs,
     ensure_store,
 )
+from lxmert_bench.data.tasks import ImageFeatures
 
 BOXES, DIM = 36, 8
 
@@ -270,26 +271,25 @@ def test_box_outside_image_names_the_image(tmp_path):
         convert_tsvs([path], tmp_path / "s", progress=False)
 
 
-def test_union_of_stores(tmp_path):
-    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+def test_image_features_read_several_stores_by_binary_search(tmp_path):
+    """A split's images over several TSVs (e.g. GQA's), each limited to its first topk rows as the
+    official loader does; lookups go through each store's sorted ids, with no dict of all ids."""
+    (tmp_path / "f").mkdir()
     ia, ib = make_images(4, "vg"), make_images(3, "n", seed=2)
-    write_obj_tsv(a, ia)
-    write_obj_tsv(b, ib)
-    union = FeatureStores.open([convert_tsvs(a, tmp_path / "sa", progress=False).path,
-                                convert_tsvs(b, tmp_path / "sb", progress=False).path])
-    assert len(union) == 7 and union.img_ids[4:] == [i["img_id"] for i in ib]
-    assert union.get(ib[1]["img_id"])["features"].tobytes() == ib[1]["features"].tobytes()
-    many = union.get_many([ib[2]["img_id"], ia[0]["img_id"], ib[0]["img_id"]])
-    assert many["features"][1].tobytes() == ia[0]["features"].tobytes()
-    assert many["features"][2].tobytes() == ib[0]["features"].tobytes()
-    with pytest.raises(KeyError, match="'zzz' is in none of the feature stores"):
-        union.get("zzz")
-    # the same images in two stores is a mistake that must not silently pick one
-    write_obj_tsv(tmp_path / "c.tsv", ia[:2])
-    dup = FeatureStores.open([tmp_path / "sa", convert_tsvs(tmp_path / "c.tsv", tmp_path / "sc",
-                                                            progress=False).path])
-    with pytest.raises(StoreError, match="is in both"):
-        dup.get(ia[0]["img_id"])
+    write_obj_tsv(tmp_path / "f" / "a.tsv", ia)
+    write_obj_tsv(tmp_path / "f" / "b.tsv", ib)
+    both = SplitFiles("gqa", "x", "gqa/x.json", ("f/a.tsv", "f/b.tsv"))
+    images = ImageFeatures(tmp_path, [both])
+    assert len(images) == 7 and images.img_ids[4:] == [i["img_id"] for i in ib]
+    assert images.get(ib[1]["img_id"])["features"].tobytes() == ib[1]["features"].tobytes()
+    assert images.get(ia[0]["img_id"])["boxes"].tobytes() == official_boxes(ia[0]).tobytes()
+    assert not any(isinstance(v, dict) and len(v) >= 7 for v in vars(images).values())
+    with pytest.raises(KeyError, match="'zzz' is not among the loaded features"):
+        images.get("zzz")
+    # topk: the first 2 images of each file; the others are not read
+    first_two = ImageFeatures(tmp_path, [SplitFiles("gqa", "x", "gqa/x.json", both.tsvs, 2)])
+    assert first_two.img_ids == [ia[0]["img_id"], ia[1]["img_id"], ib[0]["img_id"], ib[1]["img_id"]]
+    assert ia[2]["img_id"] not in first_two and ib[1]["img_id"] in first_two and 5 not in first_two
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ class FeatureStore:
             self._img_ids = [b.decode("utf-8") for b in self._array("img_ids").tolist()]
         return self._img_ids
 
-    def _find(self, img_id: str) -> int:
+    def find(self, img_id: str) -> int:
         """Row of ``img_id`` or -1, by binary search over the sorted ids (no per-process dict)."""
         key = img_id.encode("utf-8")
         sorted_ids = self._array("sorted_ids")
@@ -200,11 +200,11 @@ class FeatureStore:
         return -1
 
     def __contains__(self, img_id: object) -> bool:
-        return isinstance(img_id, str) and self._find(img_id) >= 0
+        return isinstance(img_id, str) and self.find(img_id) >= 0
 
     def row(self, img_id: str) -> int:
         """Row index of ``img_id``; KeyError naming the store and the id when absent."""
-        r = self._find(img_id)
+        r = self.find(img_id)
         if r < 0:
             raise KeyError(f"{self.path}: image {img_id!r} is not in this feature store")
         return r
@@ -291,100 +291,6 @@ def _widen_rows(src: np.ndarray, pairs: Iterable[tuple[int, int]], out: np.ndarr
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for dst, s in pairs:
             target[dst].copy_(torch.from_numpy(src[s]))
-
-
-class FeatureStores:
-    """Union lookup over several stores (one split may need several TSVs, e.g. GQA)."""
-
-    def __init__(self, stores: Sequence[FeatureStore]):
-        if not stores:
-            raise ValueError("FeatureStores needs at least one store")
-        dims = {(s.num_boxes, s.feature_dim) for s in stores}
-        if len(dims) > 1:
-            listing = ", ".join(f"{s.path} ({s.num_boxes}x{s.feature_dim})" for s in stores)
-            raise StoreError(f"feature stores disagree on boxes x feature dim: {listing}")
-        self.stores = list(stores)
-        self._checked = False
-
-    @classmethod
-    def open(cls, paths: Iterable[str | os.PathLike]) -> FeatureStores:
-        return cls([FeatureStore.open(p) for p in paths])
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.stores)
-
-    def __repr__(self) -> str:
-        return f"FeatureStores({[str(s.path) for s in self.stores]}, images={len(self)})"
-
-    @property
-    def feature_dim(self) -> int:
-        return self.stores[0].feature_dim
-
-    @property
-    def num_boxes(self) -> int:
-        return self.stores[0].num_boxes
-
-    @property
-    def fingerprint(self) -> str:
-        if len(self.stores) == 1:
-            return self.stores[0].fingerprint
-        return hashlib.sha256("\n".join(s.fingerprint for s in self.stores).encode()).hexdigest()
-
-    @property
-    def img_ids(self) -> list[str]:
-        return [i for s in self.stores for i in s.img_ids]
-
-    def _check_disjoint(self) -> None:
-        # done on first lookup, not at open, to keep opening constant time
-        for a in range(len(self.stores)):
-            for b in range(a + 1, len(self.stores)):
-                sa, sb = self.stores[a], self.stores[b]
-                common = np.intersect1d(sa._array("sorted_ids"), sb._array("sorted_ids"),
-                                        assume_unique=True)
-                if common.size:
-                    raise StoreError(
-                        f"image {common[0].decode()!r} is in both {sa.path} and {sb.path} "
-                        f"({common.size} shared ids); a union of stores needs distinct images"
-                    )
-        self._checked = True
-
-    def locate(self, img_id: str) -> tuple[FeatureStore, int]:
-        if not self._checked:
-            self._check_disjoint()
-        for store in self.stores:
-            r = store._find(img_id)
-            if r >= 0:
-                return store, r
-        raise KeyError(
-            f"image {img_id!r} is in none of the feature stores {[str(s.path) for s in self.stores]}"
-        )
-
-    def __contains__(self, img_id: object) -> bool:
-        return isinstance(img_id, str) and any(img_id in s for s in self.stores)
-
-    def get(self, img_id: str) -> dict[str, Any]:
-        store, r = self.locate(img_id)
-        return store.get_row(r)
-
-    def get_many(self, img_ids: Sequence[str],
-                 features_dtype: str | None = "float32") -> dict[str, np.ndarray]:
-        """Stacked arrays for ``img_ids`` (each store read as one sorted batch)."""
-        where = [self.locate(i) for i in img_ids]
-        out: dict[str, np.ndarray] = {}
-        for store in self.stores:
-            pos = [j for j, (s, _) in enumerate(where) if s is store]
-            if not pos:
-                continue
-            part = store.get_batch([where[j][1] for j in pos], features_dtype)
-            for name, arr in part.items():
-                if name not in out:
-                    out[name] = np.empty((len(img_ids), *arr.shape[1:]), dtype=arr.dtype)
-                out[name][pos] = arr
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
 
 
 def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
@@ -754,5 +660,5 @@ def convert_main(tsv_paths: list[str], out: str, fp16: bool) -> int:
 
 
 __all__ = [
-    "FeatureStore", "FeatureStores", "StoreError", "convert_tsvs", "ensure_store", "convert_main",
+    "FeatureStore", "StoreError", "convert_tsvs", "ensure_store", "convert_main",
 ]

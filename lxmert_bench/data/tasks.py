@@ -39,7 +39,9 @@ class ImageFeatures:
         self.root = Path(root)
         self.num_objects = num_objects
         self._stores: dict[str, Any] = {}
-        self._owner: dict[str, Any] = {}  # img_id -> store holding it
+        # (store, how many of its first rows are read), in the order the splits name them; an id
+        # is looked up by each store's binary search (no per-process dict of every image id)
+        self._reads: list[tuple[Any, int]] = []
         for entry in entries:
             limits = [k for k in (entry.topk, image_limit) if k is not None and k >= 0]
             topk = min(limits) if limits else None
@@ -52,29 +54,38 @@ class ImageFeatures:
                 if num_objects is not None and num_objects > store.num_boxes:
                     raise ValueError(f"model.num_objects={num_objects}, but {self.root / rel} has "
                                      f"{store.num_boxes} boxes per image")
-                ids = list(store.img_ids)
-                for img_id in ids if topk is None else ids[:topk]:
-                    self._owner.setdefault(img_id, store)
+                self._reads.append((store, len(store) if topk is None else min(topk, len(store))))
+
+    def _locate(self, img_id: object) -> tuple[Any, int] | None:
+        """(store, row) of the first store that reads ``img_id``, or None."""
+        if not isinstance(img_id, str):
+            return None
+        for store, rows in self._reads:
+            row = store.find(img_id)
+            if 0 <= row < rows:
+                return store, row
+        return None
 
     def __contains__(self, img_id: object) -> bool:
-        return img_id in self._owner
+        return self._locate(img_id) is not None
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return len(self.img_ids)
 
     @property
     def img_ids(self) -> list[str]:
-        return list(self._owner)
+        """Every image read, in file order (built on demand: only the corpora sampling negatives
+        need the whole list)."""
+        return list(dict.fromkeys(i for store, rows in self._reads for i in store.img_ids[:rows]))
 
     def get(self, img_id: str) -> dict[str, np.ndarray]:
         """features float32 [N, D], boxes normalised to [0, 1] [N, 4], detector labels
         (N = ``num_objects``, else every box: 36)."""
-        try:
-            store = self._owner[img_id]
-        except KeyError:
+        found = self._locate(img_id)
+        if found is None:
             raise KeyError(f"image {img_id!r} is not among the loaded features "
-                           f"({', '.join(self._stores)})") from None
-        item = store.get(img_id)
+                           f"({', '.join(self._stores)})")
+        item = found[0].get_row(found[1])
         n = self.num_objects
         if n is not None:
             for key in ("features", "boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
