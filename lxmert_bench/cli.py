@@ -578,12 +578,59 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synthetic":
-        from lxmert_bench.data.synthetic import synthetic_main
+        return _data_synthetic(args.out, args.images, args.seed)
+    return _data_convert(args.tsv, args.out, args.fp16)
 
-        return synthetic_main(args.out, args.images, args.seed)
-    from lxmert_bench.data.store import convert_main
 
-    return convert_main(args.tsv, args.out, args.fp16)
+def _data_synthetic(out: str, images: int, seed: int) -> int:
+    """``data synthetic``: refuses (exit 2) a DIR that holds anything but this very benchmark."""
+    from lxmert_bench.data.synthetic import MARKER, ensure_synthetic_root
+    from lxmert_bench.io import read_json
+
+    try:
+        created = ensure_synthetic_root(out, images, seed)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not created:
+        print(f"{out}: already holds this synthetic benchmark; nothing written", file=sys.stderr)
+    print(json.dumps(read_json(Path(out) / MARKER), indent=2))
+    return EXIT_OK
+
+
+def _data_convert(tsv_paths: list[str], out: str, fp16: bool) -> int:
+    """``data convert``: a memory-mapped store of the TSVs, reused when it is there already."""
+    import time
+
+    from lxmert_bench.data.features import FeatureFormatError
+    from lxmert_bench.data.store import StoreError, build_stamp, ensure_store
+    from lxmert_bench.io import human_bytes
+
+    missing = [p for p in tsv_paths if not Path(p).is_file()]
+    if missing:
+        raise InputError("; ".join(f"{p}: feature file not found (expected an obj36 TSV)"
+                                   for p in missing))
+    before, start = build_stamp(Path(out)), time.perf_counter()
+    try:
+        store = ensure_store(tsv_paths, out, feature_dtype="float16" if fp16 else "float32")
+    except (FeatureFormatError, StoreError, ValueError) as e:
+        raise InputError(str(e)) from None
+    took = time.perf_counter() - start
+    action = "reused" if before and before == build_stamp(store.path) else f"converted in {took:.1f}s"
+    print(f"{store.path}: {len(store)} images x {store.num_boxes} boxes x {store.feature_dim} "
+          f"{store.feature_dtype}, {human_bytes(store.nbytes())} on disk, "
+          f"fingerprint {store.fingerprint[:16]} ({action})")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lxmert_bench.export import export_run
+
+    done = export_run(args.run, Path(args.hf), _workdir(args))
+    print(f"{done['stage_id']}: exported {done['weights']} as transformers {done['architecture']} "
+          f"into {args.hf}")
+    for f in done["files"]:
+        print(f"  {f}")
+    return EXIT_OK
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lxmert_bench.data.store as store_mod
+from lxmert_bench.cli import main as cli_main
 from lxmert_bench.data.features import (
     FeatureFormatError,
     encode_obj_row,
@@ -26,7 +27,6 @@ from lxmert_bench.data.layout import SplitFiles
 from lxmert_bench.data.store import (
     FeatureStore,
     StoreError,
-    convert_main,
     convert_tsvs,
     ensure_store,
 )
@@ -171,7 +171,7 @@ def test_missing_files_give_clear_errors(tmp_path, capsys):
         convert_tsvs([missing], tmp_path / "s", progress=False)
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'empty'}: not a feature store"):
         FeatureStore.open(tmp_path / "empty")
-    assert convert_main([str(missing)], str(tmp_path / "s"), fp16=False) == 2
+    assert cli_main(["data", "convert", str(missing), "--out", str(tmp_path / "s")]) == 2
     assert f"{missing}: feature file not found" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
@@ -418,14 +418,15 @@ def test_dataloader_workers_read_correct_rows(tsv, tmp_path):
     assert seen == 12
 
 
-def test_convert_main_prints_summary(tsv, tmp_path, capsys):
+def test_data_convert_prints_summary(tsv, tmp_path, capsys):
     path, _ = tsv
     out = tmp_path / "cli"
-    assert convert_main([str(path)], str(out), fp16=True) == 0
+    convert = ["data", "convert", str(path), "--out", str(out)]
+    assert cli_main([*convert, "--fp16"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{out}: 12 images x 36 boxes x 8 float16") and "on disk" in line
     assert FeatureStore.open(out).fingerprint[:16] in line and "converted" in line
-    assert convert_main([str(path)], str(out), fp16=True) == 0
+    assert cli_main([*convert, "--fp16"]) == 0
     assert "(reused)" in capsys.readouterr().out
-    assert convert_main([str(path)], str(out), fp16=False) == 2  # exists with another dtype
+    assert cli_main(convert) == 2  # exists with another dtype
     assert "does not match" in capsys.readouterr().err

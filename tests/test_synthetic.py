@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lxmert_bench.cli import main as cli_main
 from lxmert_bench.data.answers import convert_ans
 from lxmert_bench.data.features import read_obj_tsv
 from lxmert_bench.data.layout import LAYOUT, check_data_root
@@ -21,7 +22,6 @@ from lxmert_bench.data.synthetic import (
     MIN_IMAGES,
     OBJECT_IDS,
     generate_synthetic,
-    synthetic_main,
     synthetic_root_problem,
 )
 
@@ -204,7 +204,8 @@ def test_vocab_has_1024_entries_and_every_word(bench) -> None:
 
 
 def test_cli_entry_point(tmp_path, capsys) -> None:
-    assert synthetic_main(str(tmp_path / "few"), images=MIN_IMAGES - 1, seed=0) == 2
+    assert cli_main(["data", "synthetic", "--out", str(tmp_path / "few"), "--images",
+                     str(MIN_IMAGES - 1), "--seed", "0"]) == 2
     assert f"at least {MIN_IMAGES}" in capsys.readouterr().err
     assert not (tmp_path / "few").exists()
 

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lxmert_bench.data.features import FeatureFormatError, iter_obj_tsv_hashed
-from lxmert_bench.io import atomic_write_json, human_bytes, read_json, utc_now
+from lxmert_bench.io import atomic_write_json, read_json, utc_now
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -629,7 +629,8 @@ def ensure_store(tsv_paths: str | os.PathLike | Iterable[str | os.PathLike],
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _build_stamp(path: Path) -> tuple[Any, Any] | None:
+def build_stamp(path: Path) -> tuple[Any, Any] | None:
+    """When and by whom the store at ``path`` was built (None: no store there)."""
     try:
         index = read_json(path / INDEX_FILE)
         return index.get("created_at"), index.get("built_by")
@@ -637,28 +638,6 @@ def _build_stamp(path: Path) -> tuple[Any, Any] | None:
         return None
 
 
-def convert_main(tsv_paths: list[str], out: str, fp16: bool) -> int:
-    """``lxmert-bench data convert TSV... --out DIR [--fp16]``: 0 on success, 2 on bad input."""
-    missing = [p for p in tsv_paths if not Path(p).is_file()]
-    if missing:
-        for p in missing:
-            print(f"error: {p}: feature file not found (expected an obj36 TSV)", file=sys.stderr)
-        return 2
-    before = _build_stamp(Path(out))
-    start = time.perf_counter()
-    try:
-        store = ensure_store(tsv_paths, out, feature_dtype="float16" if fp16 else "float32")
-    except (FeatureFormatError, StoreError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    took = time.perf_counter() - start
-    action = "reused" if before and before == _build_stamp(store.path) else f"converted in {took:.1f}s"
-    print(f"{store.path}: {len(store)} images x {store.num_boxes} boxes x {store.feature_dim} "
-          f"{store.feature_dtype}, {human_bytes(store.nbytes())} on disk, "
-          f"fingerprint {store.fingerprint[:16]} ({action})")
-    return 0
-
-
 __all__ = [
-    "FeatureStore", "StoreError", "convert_tsvs", "ensure_store", "convert_main",
+    "FeatureStore", "StoreError", "build_stamp", "convert_tsvs", "ensure_store",
 ]

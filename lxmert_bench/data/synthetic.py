@@ -934,18 +934,3 @@ def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bo
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return True
-
-
-def synthetic_main(out: str, images: int, seed: int) -> int:
-    """``lxmert-bench data synthetic --out DIR [--images N] [--seed S]``; exit 0, or 2 on bad input
-    (including a DIR that holds anything but this very benchmark)."""
-    try:
-        created = ensure_synthetic_root(out, images, seed)
-    except ValueError as e:
-        print(f"lxmert-bench: error: {e}", file=sys.stderr)
-        return 2
-    summary = json.loads((Path(out) / MARKER).read_text(encoding="utf-8"))
-    if not created:
-        print(f"{out}: already holds this synthetic benchmark; nothing written", file=sys.stderr)
-    print(json.dumps(summary, indent=2))
-    return 0
