@@ -171,7 +171,7 @@ def _finetune_config(settings: dict[str, Any], task: str) -> FinetuneConfig:
 def variant_stages(
     spec: Spec, variant: Variant, seed: int, workdir: Path, fingerprints: dict[str, str],
     version: str,
-) -> tuple[list[Stage], Entry | None, list[Entry]]:
+) -> tuple[list[Stage], list[Entry]]:
     """The stages one (variant, seed) needs, and its report entries (one per task)."""
     s = spec.settings(variant)
     model_over = _split(s, "model.")
@@ -228,7 +228,7 @@ def variant_stages(
         entries.append(Entry(spec.name, variant.name, seed, task, fst.stage_id,
                              pre_stage.stage_id if pre_stage else None,
                              bert_stage.stage_id if bert_stage else None))
-    return stages, None, entries
+    return stages, entries
 
 
 def make_plan(specs: list[Spec] | Spec, workdir: str | Path) -> Plan:
@@ -243,7 +243,7 @@ def make_plan(specs: list[Spec] | Spec, workdir: str | Path) -> Plan:
     for spec in specs:
         for variant in spec.variants:
             for seed in spec.seeds:
-                vstages, _, ventries = variant_stages(spec, variant, seed, workdir, fingerprints, version)
+                vstages, ventries = variant_stages(spec, variant, seed, workdir, fingerprints, version)
                 for st in vstages:
                     merged = stages.setdefault(st.stage_id, st)
                     for e in ventries:
