@@ -30,6 +30,7 @@ from lxmert_bench.report.collect import (
     collect,
     read_configs,
     read_curves,
+    read_json_file,
 )
 from lxmert_bench.report.plots import plot_task_bars, plot_training_curves
 from lxmert_bench.report.significance import N_RESAMPLES, Comparison, compare_to_reference
@@ -228,6 +229,31 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
     return "\n".join(lines)
 
 
+GQA_NOTE_KEYS = {"gqa binary/open": "Binary / open", "gqa official metrics": "Official metrics"}
+
+
+def gqa_notes(frame: pd.DataFrame) -> list[str]:
+    """How the GQA runs computed binary / open and the official metrics (their result.json
+    ``metric_notes``): by structural type from the official balanced question files, or
+    approximated by the answer when those files were absent."""
+    runs = frame[(frame["task"] == "gqa") & (frame["state"] == DONE)].drop_duplicates("stage")
+    notes: dict[str, Counter] = {k: Counter() for k in GQA_NOTE_KEYS}
+    for run_dir in runs["run_dir"]:
+        try:
+            result = read_json_file(Path(run_dir) / "result.json") or {}
+        except ValueError:
+            continue  # collect() already reported it as a failed cell
+        recorded = result.get("metric_notes") if isinstance(result, dict) else None
+        recorded = recorded if isinstance(recorded, dict) else {}
+        for key in GQA_NOTE_KEYS:
+            notes[key][str(recorded.get(key, "not recorded (a run of an older version)"))] += 1
+    lines = []
+    for key, label in GQA_NOTE_KEYS.items():
+        for text, n in notes[key].items():
+            lines.append(f"- **{label}:** {md_text(text)} ({n} run{'' if n == 1 else 's'})")
+    return [*lines, ""] if lines else []
+
+
 def _state_summary(frame: pd.DataFrame) -> str:
     parts = []
     for kind, label in (("finetune", "fine-tuning"), ("pretrain", "pretraining"),
@@ -289,6 +315,8 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
     out += ["## Details", ""]
     for title, table in detail_tables(summary, spec).items():
         out += [f"### {title}", "", table, ""]
+        if title == "GQA":
+            out += gqa_notes(frame)
         if title.startswith("Pretraining"):
             out += ["— : a task the variant does not train. *total* sums the losses of the tasks a "
                     "variant trains, so it is not comparable across rows (never bold).", ""]

@@ -24,12 +24,14 @@ TASK_LABELS = {"vqa": "VQA", "gqa": "GQA", "nlvr2": "NLVR²"}
 METRIC_LABELS = {
     "accuracy": "accuracy", "yes/no": "yes/no", "number": "number", "other": "other",
     "binary": "binary", "open": "open", "consistency": "consistency",
+    "validity": "validity", "plausibility": "plausibility", "distribution": "distribution",
     "loss": "total", "mlm": "masked LM", "matched": "matching", "obj": "obj label",
     "attr": "attr label", "feat": "RoI feat", "qa": "image QA",
 }
 DETAIL_METRICS = {
     "vqa": ("accuracy", "yes/no", "number", "other"),
-    "gqa": ("accuracy", "binary", "open"),
+    "gqa": ("accuracy", "binary", "open", "consistency", "validity", "plausibility",
+            "distribution"),
     "nlvr2": ("accuracy", "consistency"),
     "pretrain": ("loss", "mlm", "matched", "obj", "attr", "feat", "qa"),
 }
@@ -214,21 +216,29 @@ def significance_table(comparisons: Mapping[tuple[str, str], Comparison], digits
     return markdown_table(headers, rows, align)
 
 
+def _metric_label(metric: str) -> str:
+    # per-type keys (GQA "structural/query") are shown under a table titled by their family
+    return METRIC_LABELS.get(metric, metric.split("/", 1)[1] if metric.startswith(GQA_TYPE_PREFIXES)
+                             else metric)
+
+
 def metric_table(summary: Summary, spec: ReportSpec, kind: str, task: str,
                  metrics: Sequence[str] | None = None, higher_is_better: bool = True,
-                 digits: int = 2, no_bold: Sequence[str] = ()) -> str:
+                 digits: int = 2, no_bold: Sequence[str] = (),
+                 lower_is_better: Sequence[str] = ()) -> str:
     """Rows = variants, columns = ``metrics`` of ``task`` (those any run reported, in a fixed
-    order; the main metric always); best per column in bold, except in ``no_bold`` columns."""
+    order; the main metric always); best per column in bold, except in ``no_bold`` columns;
+    ``lower_is_better`` columns go the other way from ``higher_is_better``."""
     present = summary.metrics.get((kind, task), set())
     wanted = metrics if metrics is not None else DETAIL_METRICS.get(task, ())
     cols = [m for m in wanted if m in present or m == wanted[0]]
     cols += sorted(present - set(cols)) if metrics is None else []
     variants = summary.variants(spec, kind) if kind == "finetune" else _pretrain_variants(summary, spec)
-    arrow = "↑" if higher_is_better else "↓"
-    headers = ["Variant", *[f"{METRIC_LABELS.get(m, m)} {arrow}" for m in cols]]
+    higher = {m: higher_is_better != (m in lower_is_better) for m in cols}
+    headers = ["Variant", *[f"{_metric_label(m)} {'↑' if higher[m] else '↓'}" for m in cols]]
     best = {m: set() if m in no_bold else
             _best({v: mean_std(summary.cell(kind, v, task, m))[0] for v in variants},
-                  higher_is_better) for m in cols}
+                  higher[m]) for m in cols}
     rows = []
     for v in variants:
         states = summary.state(kind, v, task)
@@ -253,12 +263,37 @@ def pretraining_table(summary: Summary, spec: ReportSpec, digits: int = 3) -> st
                         digits=digits, no_bold=("loss",))
 
 
+GQA_TYPE_PREFIXES = ("structural/", "semantic/")
+GQA_TYPE_TITLES = {"structural/": "GQA accuracy per structural type",
+                   "semantic/": "GQA accuracy per semantic type"}
+
+
+def gqa_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[str, str]:
+    """GQA: accuracy, binary / open and the official evaluator's metrics (distribution: lower is
+    better), then accuracy per structural and per semantic type when the runs had the official
+    question files."""
+    present = summary.metrics.get(("finetune", "gqa"), set())
+    main = [*DETAIL_METRICS["gqa"], *sorted(m for m in present if m not in DETAIL_METRICS["gqa"]
+                                            and not m.startswith(GQA_TYPE_PREFIXES))]
+    out = {"GQA": metric_table(summary, spec, "finetune", "gqa", main, True, digits,
+                               lower_is_better=("distribution",))}
+    for prefix, title in GQA_TYPE_TITLES.items():
+        cols = sorted(m for m in present if m.startswith(prefix))
+        if cols:
+            out[title] = metric_table(summary, spec, "finetune", "gqa", cols, True, digits)
+    return out
+
+
 def detail_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[str, str]:
     """Title -> Markdown table: VQA per answer type, GQA, NLVR² accuracy + consistency, and the
     pretraining losses when any variant pretrains."""
     titles = {"vqa": "VQA per answer type", "gqa": "GQA", "nlvr2": "NLVR² accuracy and consistency"}
-    out = {titles[t]: metric_table(summary, spec, "finetune", t, None, True, digits)
-           for t in spec.tasks}
+    out = {}
+    for t in spec.tasks:
+        if t != "gqa":
+            out[titles[t]] = metric_table(summary, spec, "finetune", t, None, True, digits)
+            continue
+        out.update(gqa_tables(summary, spec, digits))
     if any(k == "pretrain" for (k, _v, _t) in summary.states):
         out["Pretraining losses (final validation loss per task)"] = pretraining_table(summary, spec)
     return out
