@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(clean)
     clean.add_argument("--dry-run", action="store_true", help="say what would be removed")
 
+    export = sub.add_parser("export", help="a finished stage's weights as a transformers directory "
+                                           "(LxmertForPreTraining / LxmertForQuestionAnswering)")
+    export.add_argument("run", metavar="RUN",
+                        help="a run directory (<workdir>/runs/<kind>/<hash>) or a stage id")
+    export.add_argument("--hf", required=True, metavar="DIR",
+                        help="output directory: missing, empty, or an earlier export")
+    export.add_argument("--workdir", default=None, help="where stage ids are looked up (as for run)")
+
+    predict = sub.add_parser("predict", help="test-split predictions (leaderboard files) of "
+                                             "finished fine-tunings, from their best.pt")
+    _add_common(predict)
+
     stage = sub.add_parser("stage", help="run one stage from its run directory (as a job does)")
     stage.add_argument("run_dir", help="<workdir>/runs/<kind>/<hash>")
     return parser
@@ -633,6 +645,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Test-split predictions of the selected finished fine-tunings (train/finetune.py)."""
+    from lxmert_bench.launch import stage_statuses
+    from lxmert_bench.store import DONE, RunDir, StageBusy
+    from lxmert_bench.train.finetune import predict_finished
+
+    _, plan, workdir = _load(args)
+    stages = [st for st in plan.ordered() if st.kind == "finetune"]
+    if not stages:
+        raise InputError("the selection names no fine-tuning stage; test splits are predicted by "
+                         "fine-tunings (try --only task=vqa)")
+    statuses = stage_statuses(plan, workdir, query_scheduler=False)
+    missed = 0
+    for st in stages:
+        run = RunDir(workdir, st.stage_id)
+        state = statuses[st.stage_id].state
+        print(f"{st.stage_id} ({st.describe()}):")
+        if state != DONE:
+            print(f"  {state}: not finished, nothing to predict from (`lxmert-bench run` first)")
+            missed += 1
+            continue
+        try:
+            done = predict_finished(run)
+        except (StageBusy, FileNotFoundError) as e:
+            print(f"  {e}")
+            missed += 1
+            continue
+        for split, entry in done["splits"].items():
+            scored = "".join(f", {k} {v:.2f}" for k, v in (entry.get("metrics") or {}).items()
+                             if isinstance(v, (int, float)))
+            print(f"  {split}: {run.path / entry['file']} ({entry['leaderboard']}; "
+                  f"{entry['examples']} of {entry['records']} examples{scored})")
+        for split, why in done["absent"].items():
+            print(f"  {split}: absent ({why})")
+    return EXIT_FAILED if missed else EXIT_OK
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from lxmert_bench.train.stages import main as stage_main
 
@@ -641,12 +690,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "cancel": cmd_cancel,
             "report": cmd_report, "data": cmd_data, "stage": cmd_stage, "logs": cmd_logs,
-            "clean": cmd_clean}
+            "clean": cmd_clean, "export": cmd_export, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
     from lxmert_bench.data.synthetic import DataRootError
+    from lxmert_bench.export import ExportError
     from lxmert_bench.launch import LaunchError, ResourceError
+    from lxmert_bench.model.hf import ExportDirError
     from lxmert_bench.plan import SelectorError
     from lxmert_bench.report.harness import ReportDirError
     from lxmert_bench.spec import SpecError
@@ -660,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             _err(p)
         return EXIT_INVALID
     except (InputError, DataRootError, SelectorError, ReportDirError, FileNotFoundError,
-            NotADirectoryError, ResourceError) as e:
+            NotADirectoryError, ResourceError, ExportError, ExportDirError) as e:
         _err(str(e))
         return EXIT_INVALID
     except LaunchError as e:

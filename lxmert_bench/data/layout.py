@@ -1,8 +1,8 @@
 """The official LXMERT data-root layout, as data: which JSON and feature TSV(s) each split reads.
 
     <root>/vqa/{train,nominival,minival,test}.json      mscoco_imgfeat/{train2014,val2014,test2015}_obj36.tsv
-    <root>/gqa/{train,valid,testdev}.json               vg_gqa_imgfeat/{vg_gqa,gqa_testdev}_obj36.tsv
-    <root>/nlvr2/{train,valid,test}.json                nlvr2_imgfeat/{train,valid,test}_obj36.tsv
+    <root>/gqa/{train,valid,testdev,submit}.json        vg_gqa_imgfeat/{vg_gqa,gqa_testdev}_obj36.tsv
+    <root>/nlvr2/{train,valid,test,test2}.json          nlvr2_imgfeat/{train,valid,test,test2}_obj36.tsv
     <root>/lxmert/{mscoco_train,mscoco_nominival,mscoco_minival,vgnococo}.json  (pretraining corpus)
     <root>/{vqa,gqa}/trainval_{ans2label,label2ans}.json, <root>/lxmert/all_ans.json, <root>/vocab.txt
 
@@ -61,15 +61,33 @@ LAYOUT: dict[tuple[str, str], SplitFiles] = {(s.dataset, s.split): s for s in [
     _split("gqa", "train", f"{_VG}/vg_gqa_obj36.tsv"),
     _split("gqa", "valid", f"{_VG}/vg_gqa_obj36.tsv"),
     _split("gqa", "testdev", f"{_VG}/gqa_testdev_obj36.tsv"),
+    # the challenge submission (submission_all_questions.json): the official loader reads
+    # vg_gqa_obj36.tsv for it; testdev's images are searched too, so none of its questions is lost
+    SplitFiles("gqa", "submit", "gqa/submit.json", (f"{_VG}/vg_gqa_obj36.tsv",
+                                                    f"{_VG}/gqa_testdev_obj36.tsv")),
     _split("nlvr2", "train", f"{_NLVR2}/train_obj36.tsv"),
     _split("nlvr2", "valid", f"{_NLVR2}/valid_obj36.tsv"),
-    _split("nlvr2", "test", f"{_NLVR2}/test_obj36.tsv"),
+    _split("nlvr2", "test", f"{_NLVR2}/test_obj36.tsv"),  # Test-P (the release's test1.json)
+    _split("nlvr2", "test2", f"{_NLVR2}/test2_obj36.tsv"),  # Test-U (the release's test2.json)
     _split("lxmert", "mscoco_train", f"{_COCO}/train2014_obj36.tsv"),
     _split("lxmert", "mscoco_nominival", f"{_COCO}/val2014_obj36.tsv"),
     # the official pretraining validates on the first 5000 images (topk=5000 for the valid split)
     _split("lxmert", "mscoco_minival", f"{_COCO}/val2014_obj36.tsv", MINIVAL_IMAGES),
     _split("lxmert", "vgnococo", f"{_VG}/vg_gqa_obj36.tsv"),
 ]}
+
+# Test splits predicted after fine-tuning (leaderboard files; LXMERT_FACTS.md §5): split -> (the
+# prediction file, what it is submitted to). Their files are optional: a split whose files are not
+# under the data root is named as absent, and they never enter a stage's data fingerprint.
+TEST_SPLITS: dict[str, dict[str, tuple[str, str]]] = {
+    "vqa": {"test": ("test_predict.json", "VQA v2 test-dev / test-std (EvalAI; all test2015 "
+                                          "questions in one file)")},
+    "gqa": {"testdev": ("testdev_predict.json", "GQA test-dev (EvalAI)"),
+            "submit": ("submit_predict.json", "GQA challenge submission (EvalAI: test-dev, test, "
+                                              "challenge questions)")},
+    "nlvr2": {"test": ("test_predict.csv", "NLVR2 Test-P (official metrics.py)"),
+              "test2": ("test2_predict.csv", "NLVR2 Test-U (official metrics.py)")},
+}
 
 DATASET_NAMES = {
     "vqa": "VQA questions", "gqa": "GQA questions", "nlvr2": "NLVR2 statements",

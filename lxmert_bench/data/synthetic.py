@@ -837,6 +837,7 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
     for stream, (rel, scenes) in enumerate(tsvs.items()):
         write_obj_tsv(out / rel, rows(scenes, stream))
         say(f"wrote {rel} ({len(scenes)} images)")
+    test_splits = write_test_splits(out, seed, images, detector, testdev, say)
 
     summary: dict[str, Any] = {
         "generator_version": GENERATOR_VERSION, "images": images, "seed": seed,
@@ -851,11 +852,65 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
         "answers": {"vqa": len(vqa_l2a), "gqa": len(gqa_l2a), "lxmert": len(all_ans)},
         "vocab_words": len(vocab_words),
     }
+    summary.update(test_splits)
     _dump(out / "synthetic.json", summary)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     say(f"done in {summary['seconds']:.1f}s: " + ", ".join(
         f"{k} {v}" for k, v in summary["examples"].items()))
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Test splits (leaderboard inputs), written after everything else from their own random streams,
+# so the other files are byte for byte what they were before these splits existed.
+TEST_SCENE_STREAM = 3  # np.random.default_rng([seed, 3]): test scenes and questions
+TEST_FEATURE_STREAM = 100  # + k: the k-th test TSV's feature stream (train/dev TSVs use 0..6)
+TEST_VQA_SHARE = 0.05  # of the images: COCO test2015 images with VQA test questions
+TEST_GQA_EXTRA = 2  # further questions per testdev image in the challenge submission file
+
+
+def write_test_splits(out: Path, seed: int, images: int, detector: Detector,
+                      testdev: Sequence[Scene], say: Callable[[str], None]) -> dict[str, Any]:
+    """VQA ``test.json`` (+ ``test2015_obj36.tsv``), GQA ``submit.json`` and NLVR2 ``test2.json``
+    (Test-U, + ``test2_obj36.tsv``) in the official formats, without labels as on the real
+    leaderboards (GQA testdev and NLVR2 Test-P already exist, labelled, as released). Returns the
+    summary's entries for them."""
+    rng = np.random.default_rng([seed, TEST_SCENE_STREAM])
+    n_vqa = max(2, round(TEST_VQA_SHARE * images))
+    coco_test = [make_scene(rng, f"COCO_test2015_{i:012d}") for i in _ids(rng, n_vqa, 600_000)]
+    vqa_test = []
+    for s in coco_test:
+        number = int(s.img_id.rsplit("_", 1)[1])
+        for k, (q, _a, _atype, _qtype) in enumerate(ask(rng, s, VQA_QUESTIONS, VQA_PER_IMAGE)):
+            vqa_test.append({"img_id": s.img_id, "question_id": number * 1000 + k,
+                             "sent": _sentence(q)})
+    # the challenge file: testdev's questions (unlabelled) and more questions on its images
+    released = json.loads((out / "gqa" / "testdev.json").read_text(encoding="utf-8"))
+    submit = [{k: d[k] for k in ("img_id", "question_id", "sent")} for d in released]
+    qid = iter(_ids(rng, 10 * TEST_GQA_EXTRA * len(testdev), 90_000_000))
+    for scene in testdev:
+        for q, _a, _t, _u in ask(rng, scene, GQA_QUESTIONS, TEST_GQA_EXTRA):
+            submit.append({"img_id": scene.img_id, "question_id": f"{next(qid):08d}",
+                           "sent": _sentence(q)})
+    test2, test2_scenes = [], []
+    for set_id in _ids(rng, _allocate(images)["nlvr2_test"], 0):
+        examples, scenes = nlvr2_set(rng, "test2", set_id)
+        test2 += [{k: v for k, v in ex.items() if k != "label"} for ex in examples]
+        test2_scenes += scenes
+    for i, ex in enumerate(test2):
+        ex["uid"] = f"nlvr2_test2_{i}"
+    _dump(out / "vqa" / "test.json", vqa_test)
+    _dump(out / "gqa" / "submit.json", submit)
+    _dump(out / "nlvr2" / "test2.json", test2)
+    tsvs = {"mscoco_imgfeat/test2015_obj36.tsv": coco_test,
+            "nlvr2_imgfeat/test2_obj36.tsv": test2_scenes}
+    for k, (rel, scenes) in enumerate(tsvs.items()):
+        feat_rng = np.random.default_rng([seed, 2, TEST_FEATURE_STREAM + k])
+        write_obj_tsv(out / rel, (detector.row(s, feat_rng) for s in scenes))
+        say(f"wrote {rel} ({len(scenes)} images, test split)")
+    return {"test_feature_files": {rel: len(scenes) for rel, scenes in tsvs.items()},
+            "test_examples": {"vqa/test": len(vqa_test), "gqa/submit": len(submit),
+                              "nlvr2/test2": len(test2)}}
 
 
 MARKER = "synthetic.json"  # written last: marks a complete synthetic benchmark of this tool

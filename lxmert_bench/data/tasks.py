@@ -157,6 +157,7 @@ class _QADataset(Dataset):
                                    f"{self.task.upper()} question")
         self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype, num_objects)
         self.examples = [d for d in raw if d["img_id"] in self.images]
+        self.num_records = len(raw)  # examples whose images are missing are left out
 
     @property
     def raw_examples(self) -> list[dict[str, Any]]:
@@ -233,6 +234,7 @@ class NLVR2Dataset(Dataset):
                                    label_type=int)
         self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype, num_objects)
         self.examples = [d for d in raw if d["img0"] in self.images and d["img1"] in self.images]
+        self.num_records = len(raw)
 
     @property
     def raw_examples(self) -> list[dict[str, Any]]:

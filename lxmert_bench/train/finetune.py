@@ -329,6 +329,10 @@ def run_finetune(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
     )
     summary = train(model, TaskExamples(train_data), step, settings, evaluate=evaluate,
                     on_best=on_best, dist_info=info)
+    test: dict[str, Any] = {}
+    if info.is_main:  # the test splits' leaderboard files, from the best epoch's weights
+        load_best(model, run_dir)
+        test = predict_test_splits(config, run_dir, model, tokenizer, device, precision)
     if not files:  # resumed after the best epoch was written
         name = PREDICTION_FILES[ft.task]
         files = {"dev": f"predictions/{name}", "scores": "predictions/dev_scores.json"}
@@ -336,7 +340,7 @@ def run_finetune(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
         "metrics": summary.best_metrics or {}, "last_metrics": summary.last_metrics or {},
         "best_epoch": summary.best_epoch, "history": summary.history, "predictions": files,
         "train_examples": len(train_data), "dev_examples": len(dev_data), **init,
-        **metric_notes(ft.task, dev_data),
+        **metric_notes(ft.task, dev_data), "test_predictions": test,
         "summary": summary,
     }
 
@@ -367,3 +371,111 @@ def metric_notes(task: str, dev_data: Any) -> dict[str, Any]:
             "consistency over the entailed questions in that file; distribution is the "
             "chi-square score / 100 (lower is better); grounding not computed (needs attention "
             "maps)")}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Test splits: leaderboard files from the best epoch's weights (checkpoints/best.pt)
+# ---------------------------------------------------------------------------------------------
+TEST_MANIFEST = "test_predictions.json"  # under predictions/: what was predicted, what is absent
+
+
+def missing_test_files(root: str | Path, task: str, split: str) -> list[str]:
+    """The files a test split reads that are not under ``root`` (empty: it can be predicted)."""
+    from lxmert_bench.data.layout import needed_files
+
+    return [str(Path(root) / rel) for rel in needed_files([(task, split)])
+            if not (Path(root) / rel).is_file() or (Path(root) / rel).stat().st_size == 0]
+
+
+def load_best(model: nn.Module, run_dir: RunDir) -> Path:
+    """The best epoch's weights into ``model`` (strictly: every tensor, nothing else)."""
+    from lxmert_bench.io import load_torch_file
+    from lxmert_bench.model.weights import load_weights
+
+    path = run_dir.checkpoint_dir / "best.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the best epoch's weights are kept there "
+                                "(`clean` never removes them), so test predictions need it")
+    state = load_torch_file(path)
+    # wrappers' prefixes (DDP, torch.compile), should a wrapped module's state dict be saved
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    load_weights(model, state, strict=True)
+    return path
+
+
+def predict_test_splits(config: RunConfig, run_dir: RunDir, model: nn.Module, tokenizer: Any,
+                        device: torch.device, precision: str) -> dict[str, Any]:
+    """Predict every test split of the task whose files are under the data root, write each in
+    its leaderboard's format (data/layout.py ``TEST_SPLITS``) into ``predictions/`` and the list in
+    ``predictions/test_predictions.json``; returns that list. Splits whose files are missing are
+    named under ``absent``, not an error. Labelled splits (GQA testdev, NLVR2 Test-P) are scored too.
+    """
+    from lxmert_bench.data.layout import TEST_SPLITS
+    from lxmert_bench.io import utc_now
+
+    ft = config.finetune
+    assert ft is not None
+    read = dict(image_limit=config.data.image_limit, feature_dtype=config.data.feature_dtype,
+                num_objects=config.model.num_objects)
+    splits: dict[str, Any] = {}
+    absent: dict[str, str] = {}
+    for split, (name, board) in TEST_SPLITS[ft.task].items():
+        missing = missing_test_files(config.data.root, ft.task, split)
+        if missing:
+            absent[split] = f"{board}: missing {', '.join(missing)}"
+            continue
+        data = _task_class(ft.task)(config.data.root, [split], tokenizer, **read)
+        if len(data) == 0:
+            absent[split] = f"{board}: no {split} example has image features"
+            continue
+        label2ans = None if ft.task == "nlvr2" else data.label2ans
+        predictions = predict(model, TaskExamples(data), ft.task, label2ans,
+                              max(ft.optim.batch_size, 64), device, precision)
+        folder = run_dir.predictions_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        {"vqa": M.write_vqa_predictions, "gqa": M.write_gqa_predictions,
+         "nlvr2": M.write_nlvr2_predictions}[ft.task](folder / name, predictions)
+        entry: dict[str, Any] = {"file": f"predictions/{name}", "leaderboard": board,
+                                 "examples": len(predictions), "records": data.num_records}
+        if all("label" in d for d in data.raw_examples):  # released answers: score them here
+            try:
+                entry["metrics"] = score(ft.task, predictions, data)[0]
+            except ValueError as e:  # e.g. official files that do not cover the split
+                entry["metrics_error"] = str(e)
+        splits[split] = entry
+    manifest = {"stage_id": run_dir.stage_id, "weights": "checkpoints/best.pt", "splits": splits,
+                "absent": absent, "written_at": utc_now()}
+    atomic_write_json(run_dir.predictions_dir / TEST_MANIFEST, manifest)
+    return manifest
+
+
+def _task_class(task: str) -> Any:
+    from lxmert_bench.data.tasks import GQADataset, NLVR2Dataset, VQADataset
+
+    return {"vqa": VQADataset, "gqa": GQADataset, "nlvr2": NLVR2Dataset}[task]
+
+
+def predict_finished(run_dir: RunDir) -> dict[str, Any]:
+    """``lxmert-bench predict``: a finished fine-tuning's test predictions from its ``best.pt``,
+    without training; under the stage's execution lock (:class:`~lxmert_bench.store.StageBusy`
+    when another process holds it)."""
+    from lxmert_bench.train.loop import select_device, select_precision
+
+    if run_dir.read_result() is None:
+        raise ValueError(f"{run_dir.stage_id}: not finished (state {run_dir.disk_state()!r})")
+    with run_dir.execution_lock():
+        config = run_dir.read_config()
+        if config.kind != "finetune" or config.finetune is None:
+            raise ValueError(f"{run_dir.stage_id}: a {config.kind} stage has no test splits")
+        device = select_device(config.device)
+        precision = select_precision(config.precision, device)
+        answers = None
+        if config.finetune.task != "nlvr2":
+            from lxmert_bench.data.answers import load_task_answers
+
+            answers = len(load_task_answers(config.data.root, config.finetune.task)[1])
+        model = build_model(config, answers)
+        load_best(model, run_dir)
+        model.to(device)
+        return predict_test_splits(config, run_dir, model, load_tokenizer(config.data), device,
+                                   precision)
