@@ -281,3 +281,66 @@ def test_plan_refuses_malformed_or_mismatched_official_files(synthetic, tmp_path
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{questions}: holds {len(raw) - 1} questions" in err and repr(dropped) in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+def _gqa_run(workdir: Path, variant: str, metrics: dict, notes: dict | None) -> str:
+    from lxmert_bench.config import TASK_DEFAULTS, DataConfig, RunConfig
+
+    stage = f"finetune/{variant.lower():0<12}"
+    run = workdir / "runs" / stage
+    run.mkdir(parents=True)
+    cfg = RunConfig(kind="finetune", seed=0, finetune=TASK_DEFAULTS["gqa"],
+                    data=DataConfig(root="data", synthetic=True, fingerprint="synthetic-v2-120-0"))
+    (run / "config.json").write_text(cfg.to_json())
+    result = {"stage_id": stage, "kind": "finetune", "seed": 0, "task": "gqa", "metrics": metrics,
+              **({"metric_notes": notes} if notes else {})}
+    (run / "result.json").write_text(json.dumps(result))
+    return stage
+
+
+def test_report_shows_the_official_metrics_and_says_how_binary_open_was_split(tmp_path):
+    from lxmert_bench.report.collect import ReportEntry, ReportSpec, collect
+    from lxmert_bench.report.render import gqa_notes
+    from lxmert_bench.report.tables import Summary, detail_tables
+
+    official = {"accuracy": 50.0, "binary": 60.0, "open": 40.0, "consistency": 70.0,
+                "validity": 90.0, "plausibility": 80.0, "distribution": 0.5,
+                "structural/query": 40.0, "structural/choose": 65.0, "semantic/attr": 45.0}
+    worse = {**official, "distribution": 0.9, "validity": 85.0}
+    approx = {"accuracy": 48.0, "binary": 70.0, "open": 30.0}
+    rule = "approximated by the gold answer (yes/no): the question files carry no structural types"
+    entries = [
+        ReportEntry("A", 0, "gqa", _gqa_run(tmp_path, "A", official, {
+            "gqa binary/open": "by structural type (official eval.py)",
+            "gqa official metrics": "official eval.py rules on testdev_balanced_questions.json"})),
+        ReportEntry("B", 0, "gqa", _gqa_run(tmp_path, "B", worse, None)),
+        ReportEntry("C", 0, "gqa", _gqa_run(tmp_path, "C", approx, {
+            "gqa binary/open": rule, "gqa official metrics": "not computed: no official "
+            "gqa/questions/testdev_balanced_questions.json under data.root"})),
+    ]
+    spec = ReportSpec(name="g", title="g", variants=["A", "B", "C"], tasks=["gqa"])
+    frame = collect(entries, tmp_path)
+    tables = detail_tables(Summary(frame), spec)
+    assert list(tables) == ["GQA", "GQA accuracy per structural type",
+                            "GQA accuracy per semantic type"]
+    header, *rows = [line for line in tables["GQA"].splitlines() if not line.startswith("|-")]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "Variant", "accuracy ↑", "binary ↑", "open ↑", "consistency ↑", "validity ↑",
+        "plausibility ↑", "distribution ↓"]
+    by_variant = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    assert by_variant["A"][7].startswith("**0.50**")  # lower distribution is better
+    assert by_variant["B"][7].startswith("0.90") and by_variant["C"][7] == "—"
+    structural = tables["GQA accuracy per structural type"].splitlines()[0]
+    assert [c.strip() for c in structural.strip("|").split("|")] == ["Variant", "choose ↑", "query ↑"]
+    notes = "\n".join(gqa_notes(frame))
+    assert f"**Binary / open:** {rule} (1 run)" in notes
+    assert "by structural type (official eval.py) (1 run)" in notes
+    assert "not recorded" in notes  # B: a run without notes
+    assert r"testdev\_balanced\_questions.json under data.root (1 run)" in notes  # Markdown-escaped
+    from lxmert_bench.report.render import render_markdown
+
+    markdown = render_markdown(spec, frame, {}, {}, [])
+    gqa = markdown.split("### GQA\n", 1)[1].split("### ", 1)[0]
+    assert notes in gqa
