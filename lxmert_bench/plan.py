@@ -127,7 +127,8 @@ def synthetic_name(data: DataConfig) -> str:
     name of its default directory, so a new generator version never reuses old files."""
     from lxmert_bench.data.synthetic import GENERATOR_VERSION
 
-    return f"synthetic-v{GENERATOR_VERSION}-{data.synthetic_images}-{data.synthetic_seed}"
+    name = f"synthetic-v{GENERATOR_VERSION}-{data.synthetic_images}-{data.synthetic_seed}"
+    return name if data.synthetic_design == "v1" else f"{name}-{data.synthetic_design}"
 
 
 def _data_config(settings: dict[str, Any], workdir: Path) -> DataConfig:
@@ -295,7 +296,7 @@ def check_data(plan: Plan) -> list[str]:
                     from lxmert_bench.data.synthetic import synthetic_root_problem
 
                     problem = synthetic_root_problem(data.root, data.synthetic_images,
-                                                     data.synthetic_seed)
+                                                     data.synthetic_seed, data.synthetic_design)
                     if problem:
                         problems.append(f"{spec.path}: data.root: {problem}")
                         continue

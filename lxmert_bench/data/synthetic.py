@@ -85,6 +85,34 @@ DUPLICATE_CONF = (0.3, 0.45)  # detector confidence of those further boxes
 ANNOTATOR_ACCURACY = 0.9  # each of the 10 VQA annotators
 
 
+@dataclass(frozen=True)
+class Design:
+    """What ``data.synthetic_design`` chooses: the detector's feature size and label ids and its
+    feature recipe (the scenes, questions and file formats are the same in every design)."""
+
+    feature_dim: int = 2048
+    object_ids: dict[str, int] = field(default_factory=lambda: {**OBJECT_IDS, **BACKGROUND_IDS})
+    attr_ids: dict[str, int] = field(default_factory=lambda: {**COLOR_IDS, **SIZE_IDS,
+                                                             **BACKGROUND_ATTR_IDS})
+    class_weight: float = CLASS_WEIGHT
+    feature_noise: float = FEATURE_NOISE
+    orthogonal: bool = False  # class / attribute codes orthonormal (x sqrt(dim)), not Gaussian
+
+
+# "v1": the original generator (Visual Genome-sized label spaces, 2048-d features; test and paper
+# profiles). "compact": the same scenes with 64-d features whose class, colour and size codes are
+# orthogonal, and label ids below 32 / 16, so the demo's tiny model can use 64-d inputs and
+# 32 / 16-way object heads: its step is cheaper and the visual tasks are learnable in minutes.
+DESIGNS: dict[str, Design] = {
+    "v1": Design(),
+    "compact": Design(
+        feature_dim=64,
+        object_ids={name: i for i, name in enumerate(OBJECTS + BACKGROUND)},
+        attr_ids={name: i for i, name in enumerate(COLORS + SIZES + BACKGROUND_ATTRS)},
+        class_weight=2.0, feature_noise=0.5, orthogonal=True),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Scenes
 @dataclass
@@ -181,13 +209,22 @@ def _clip_box(cx: float, cy: float, bw: float, bh: float, width: int, height: in
 class Detector:
     """Turns scenes into obj36 rows like a Faster R-CNN with a Visual Genome head would."""
 
-    def __init__(self, seed: int, feature_dim: int):
+    def __init__(self, seed: int, feature_dim: int, design: Design | None = None):
         rng = np.random.default_rng([seed, 1])
+        self.design = design or DESIGNS["v1"]
         self.feature_dim = feature_dim
         self.class_index = {name: i for i, name in enumerate(OBJECTS + BACKGROUND)}
         self.attr_index = {name: i for i, name in enumerate(COLORS + SIZES + BACKGROUND_ATTRS)}
-        self.class_emb = rng.standard_normal((len(self.class_index), feature_dim), dtype=np.float32)
-        self.attr_emb = rng.standard_normal((len(self.attr_index), feature_dim), dtype=np.float32)
+        n_cls, n_attr = len(self.class_index), len(self.attr_index)
+        if self.design.orthogonal and n_cls + n_attr <= feature_dim:
+            # one orthonormal basis for every class and attribute code (scaled to the Gaussian
+            # codes' norm), so no two codes interfere and a linear read-out separates them
+            q, _ = np.linalg.qr(rng.standard_normal((feature_dim, n_cls + n_attr)))
+            codes = (q.T * np.sqrt(feature_dim)).astype(np.float32)
+            self.class_emb, self.attr_emb = codes[:n_cls], codes[n_cls:]
+        else:
+            self.class_emb = rng.standard_normal((n_cls, feature_dim), dtype=np.float32)
+            self.attr_emb = rng.standard_normal((n_attr, feature_dim), dtype=np.float32)
 
     def row(self, scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
         # each object once (its best detection), then duplicates / parts at lower confidence
@@ -198,6 +235,7 @@ class Detector:
         things = things[:max(MAX_OBJECT_BOXES, len(scene.things))]
         n_real = min(len(things), NUM_BOXES)
         w, h = scene.width, scene.height
+        ids, attr_ids = self.design.object_ids, self.design.attr_ids
         boxes = np.zeros((NUM_BOXES, 4), np.float32)
         obj_id = np.zeros(NUM_BOXES, np.int64)
         obj_conf = np.zeros(NUM_BOXES, np.float32)
@@ -211,30 +249,30 @@ class Detector:
             cls[i], attr_a[i], attr_b[i] = (self.class_index[t.name], self.attr_index[t.color],
                                             self.attr_index[t.size])
             if rng.random() < LABEL_ACCURACY:
-                obj_id[i], obj_conf[i] = OBJECT_IDS[t.name], rng.uniform(0.5, 0.99)
+                obj_id[i], obj_conf[i] = ids[t.name], rng.uniform(0.5, 0.99)
             else:  # a confusion with another object class, at lower confidence
                 other = _pick(rng, [n for n in OBJECTS if n != t.name])
-                obj_id[i], obj_conf[i] = OBJECT_IDS[other], rng.uniform(0.25, 0.6)
+                obj_id[i], obj_conf[i] = ids[other], rng.uniform(0.25, 0.6)
             if not primary:  # a duplicate or part: less sure than the object's own box
                 obj_conf[i] = rng.uniform(*DUPLICATE_CONF)
             u = rng.random()
             if u < ATTR_ACCURACY:
-                attr_id[i] = COLOR_IDS[t.color]
+                attr_id[i] = attr_ids[t.color]
             elif u < ATTR_ACCURACY + (1 - ATTR_ACCURACY) / 2:
-                attr_id[i] = COLOR_IDS[_pick(rng, [c for c in COLORS if c != t.color])]
+                attr_id[i] = attr_ids[_pick(rng, [c for c in COLORS if c != t.color])]
             else:
-                attr_id[i] = SIZE_IDS[t.size]
+                attr_id[i] = attr_ids[t.size]
             attr_conf[i] = rng.uniform(0.2, 0.9)
         for i in range(n_real, NUM_BOXES):  # background clutter: large, low confidence
             bg, bg_attr = _pick(rng, BACKGROUND), _pick(rng, BACKGROUND_ATTRS)
             bw, bh = rng.uniform(0.1, 0.7) * w, rng.uniform(0.1, 0.7) * h
             boxes[i] = _clip_box(rng.uniform(0, 1) * w, rng.uniform(0, 1) * h, bw, bh, w, h)
             cls[i], attr_a[i] = self.class_index[bg], self.attr_index[bg_attr]
-            obj_id[i], obj_conf[i] = BACKGROUND_IDS[bg], rng.uniform(0.01, 0.3)
-            attr_id[i], attr_conf[i] = BACKGROUND_ATTR_IDS[bg_attr], rng.uniform(0.02, 0.3)
-        feats = CLASS_WEIGHT * self.class_emb[cls] + self.attr_emb[attr_a]
+            obj_id[i], obj_conf[i] = ids[bg], rng.uniform(0.01, 0.3)
+            attr_id[i], attr_conf[i] = attr_ids[bg_attr], rng.uniform(0.02, 0.3)
+        feats = self.design.class_weight * self.class_emb[cls] + self.attr_emb[attr_a]
         feats[attr_b >= 0] += self.attr_emb[attr_b[attr_b >= 0]]
-        feats += FEATURE_NOISE * rng.standard_normal(feats.shape, dtype=np.float32)
+        feats += self.design.feature_noise * rng.standard_normal(feats.shape, dtype=np.float32)
         np.maximum(feats, 0, out=feats)  # post-ReLU, like pool5 features
         order = np.argsort(-obj_conf, kind="stable")  # the extractor keeps the top 36 by confidence
         return {
@@ -663,9 +701,15 @@ def write_gqa_official_files(out: Path, gqa_task: dict[str, list[dict[str, Any]]
 
 
 def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
-                       feature_dim: int = 2048, progress: bool = True) -> dict[str, Any]:
-    """Write the synthetic benchmark into ``out_dir`` (deterministic in ``images``, ``seed`` and
-    ``feature_dim``); returns a summary (file counts, example counts, seconds)."""
+                       feature_dim: int | None = None, progress: bool = True,
+                       design: str = "v1") -> dict[str, Any]:
+    """Write the synthetic benchmark into ``out_dir`` (deterministic in ``images``, ``seed``,
+    ``design`` and ``feature_dim``, None: the design's); returns a summary (file counts, example
+    counts, seconds)."""
+    if design not in DESIGNS:
+        raise ValueError(f"synthetic design {design!r}: expected one of {sorted(DESIGNS)}")
+    recipe = DESIGNS[design]
+    feature_dim = recipe.feature_dim if feature_dim is None else feature_dim
     if images < MIN_IMAGES:
         raise ValueError(f"images={images}: the synthetic benchmark needs at least {MIN_IMAGES} "
                          f"images to give every split some")
@@ -820,7 +864,7 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
     write_vocab(vocab_words, out / "vocab.txt", VOCAB_SIZE)
 
     # --- features, streamed file by file
-    detector = Detector(seed, feature_dim)
+    detector = Detector(seed, feature_dim, recipe)
     tsvs = {
         "mscoco_imgfeat/train2014_obj36.tsv": coco_train,
         "mscoco_imgfeat/val2014_obj36.tsv": minival + nominival,
@@ -842,6 +886,7 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
     summary: dict[str, Any] = {
         "generator_version": GENERATOR_VERSION, "images": images, "seed": seed,
         "feature_dim": feature_dim,
+        **({"design": design} if design != "v1" else {}),  # v1's summary stays as it was
         "feature_files": {rel: len(scenes) for rel, scenes in tsvs.items()},
         "examples": {**{f"vqa/{k}": len(v) for k, v in vqa_task.items()},
                      **{f"gqa/{k}": len(v) for k, v in gqa_task.items()},
@@ -920,7 +965,8 @@ class DataRootError(ValueError):
     """A directory the synthetic benchmark may not be written into (or read from)."""
 
 
-def synthetic_root_problem(root: str | Path, images: int, seed: int) -> str | None:
+def synthetic_root_problem(root: str | Path, images: int, seed: int, design: str = "v1"
+                           ) -> str | None:
     """Why ``root`` cannot serve as the synthetic benchmark (``images``, ``seed``) of this generator
     version, or None (also when nothing is there yet, or an empty directory). The tool writes only
     into a missing or empty directory or one it marked as its own (``synthetic.json``), so any
@@ -946,15 +992,17 @@ def synthetic_root_problem(root: str | Path, images: int, seed: int) -> str | No
         return f"{summary_path}: unreadable ({e}); remove {root} to regenerate it"
     if not isinstance(summary, dict):
         return f"{summary_path}: expected a JSON object; remove {root} to regenerate it"
-    wanted = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed}
-    found_inputs = {k: summary.get(k) for k in wanted}
+    wanted = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed,
+              "design": design}
+    found_inputs = {k: summary.get(k, "v1" if k == "design" else None) for k in wanted}
     if found_inputs == wanted:
         return None
     return (f"{root}: holds a synthetic benchmark with {found_inputs} ({MARKER}), expected "
             f"{wanted}; remove the directory to regenerate it, or point data.root elsewhere")
 
 
-def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bool = True
+def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bool = True,
+                          design: str = "v1"
                           ) -> bool:
     """Make ``root`` hold the synthetic benchmark (``images``, ``seed``); returns True when it was
     generated now, False when it was there already.
@@ -965,7 +1013,7 @@ def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bo
     :class:`DataRootError` for a directory holding anything else.
     """
     root = Path(root)
-    problem = synthetic_root_problem(root, images, seed)
+    problem = synthetic_root_problem(root, images, seed, design)
     if problem:
         raise DataRootError(problem)
     if (root / MARKER).is_file():
@@ -974,15 +1022,15 @@ def ensure_synthetic_root(root: str | Path, images: int, seed: int, progress: bo
     with open(root.parent / f".{root.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            problem = synthetic_root_problem(root, images, seed)  # another process may have won
+            problem = synthetic_root_problem(root, images, seed, design)  # another may have won
             if problem:
                 raise DataRootError(problem)
             if (root / MARKER).is_file():
                 return False
-            if not publish_directory(root, lambda tmp: generate_synthetic(tmp, images, seed,
-                                                                          progress=progress)):
+            if not publish_directory(root, lambda tmp: generate_synthetic(
+                    tmp, images, seed, progress=progress, design=design)):
                 # someone wrote into it meanwhile, bypassing the lock: theirs stays, and is judged
-                problem = synthetic_root_problem(root, images, seed)
+                problem = synthetic_root_problem(root, images, seed, design)
                 if problem:
                     raise DataRootError(problem)
                 return False
