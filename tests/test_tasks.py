@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -213,9 +214,7 @@ def test_pretrain_corpus_qa_sets_and_image_limit(root) -> None:
 def copy_root(root, tmp_path) -> Path:
     """A private copy of the JSONs, sharing the (read-only) feature files and stores."""
     for rel in ("vqa", "gqa", "nlvr2", "lxmert"):
-        (tmp_path / rel).mkdir()
-        for f in (root / rel).iterdir():
-            (tmp_path / rel / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(root / rel, tmp_path / rel)  # with gqa/questions/
     for rel in ("mscoco_imgfeat", "vg_gqa_imgfeat", "nlvr2_imgfeat", STORES_DIR, "vocab.txt"):
         os.symlink(root / rel, tmp_path / rel)
     return tmp_path
