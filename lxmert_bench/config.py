@@ -128,6 +128,10 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_steps: int | None = None  # stop early (demos, tests); None: epochs decide
+    # Examples per forward pass on one process; gradients accumulate up to batch_size (the global
+    # batch, over every process). None: the process's whole share. The same update within
+    # rounding (tests/test_train_accumulation.py), so provenance, not identity.
+    micro_batch_size: int | None = provenance(None)
 
 
 @dataclass(frozen=True)

@@ -371,7 +371,18 @@ def check_resources(plan: Plan, resources: ResourceProfile, overrides: dict[str,
                     cluster: str = "slurm") -> list[str]:
     """Requests Slurm could never run, found before submitting: a global batch the ranks cannot
     split evenly, more nodes than the partition has (or allows), an unknown partition."""
+    from lxmert_bench.train.optim import accumulation_problem
+
     out: list[str] = []
+    said: set[str] = set()
+    for st in plan.ordered():  # micro-batches that do not make up the batch (any executor)
+        optim = getattr(getattr(st.config, st.kind, None), "optim", None)
+        n = ranks(resources.for_kind(st.kind, overrides)) if cluster == "slurm" else 1
+        problem = optim and accumulation_problem(optim.batch_size, optim.micro_batch_size, n,
+                                                 f"{st.kind}.optim.micro_batch_size")
+        if problem and problem not in said:
+            said.add(problem)
+            out.append(f"{problem}, e.g. stage {st.stage_id}")
     if cluster != "slurm":
         return out
     where = resources.path or resources.name

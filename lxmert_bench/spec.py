@@ -205,7 +205,8 @@ def _check_value(key: str, value: Any) -> str | None:
     if leaf.endswith("_rate") or leaf in ("qa_start", "warmup") or key == "pretrain.qa_start":
         if not 0.0 <= value <= 1.0:
             return f"must be within [0, 1], got {value}"
-    if leaf in ("lr", "batch_size", "epochs", "log_every", "checkpoint_every", "max_seq_length") or (
+    if leaf in ("lr", "batch_size", "micro_batch_size", "epochs", "log_every", "checkpoint_every",
+                "max_seq_length") or (
         key.startswith("model.") and isinstance(value, int) and leaf not in ("x_layers", "r_layers")
     ):
         if isinstance(value, (int, float)) and value <= 0:

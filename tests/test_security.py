@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from lxmert_bench.config import OptimConfig
-from lxmert_bench.io import RefusedFile, atomic_write_bytes, load_torch_file
+from lxmert_bench.io import RefusedFile, atomic_torch_save, atomic_write_bytes, load_torch_file
 from lxmert_bench.train.loop import (
     LoopSettings,
-    atomic_torch_save,
     load_checkpoint,
     rng_state,
     seed_all,

@@ -25,21 +25,18 @@ from torch import nn
 from lxmert_bench import metrics as M
 from lxmert_bench.config import FinetuneConfig, RunConfig
 from lxmert_bench.data.answers import AnswerTable, qa_head_transfer_rows
-from lxmert_bench.io import atomic_write_json
+from lxmert_bench.io import atomic_torch_save, atomic_write_json
 from lxmert_bench.model import LxmertForNLVR2, LxmertForQuestionAnswering
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.common import dependency_model, load_tokenizer
 from lxmert_bench.train.loop import (
+    TRAIN_STREAM,
     DistInfo,
     EvalResult,
     LoopSettings,
-    atomic_torch_save,
     autocast,
-    iterate_batches,
-    seed_all,
-    select_device,
-    select_precision,
-    to_device,
+    eval_batches,
+    start_stage,
     train,
 )
 
@@ -203,14 +200,12 @@ def predict(model: nn.Module, dev: TaskExamples, task: str, label2ans: list[str]
             batch_size: int, device: torch.device, precision: str) -> dict[Any, Any]:
     """{example id: prediction} (an answer string, or a bool for NLVR²)."""
     model.eval()
-    n = len(dev)
-    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     out: dict[Any, Any] = {}
     with torch.no_grad():
-        for batch in iterate_batches(dev, batches, 0, 0):
+        for batch in eval_batches(dev, batch_size, device, 0, TRAIN_STREAM):  # no randomness
             ids = batch["identifier"] if task == "nlvr2" else batch["question_id"]
             with autocast(device, precision):
-                logits = forward_task(model, to_device(batch, device))
+                logits = forward_task(model, batch)
             best = logits.float().argmax(1).tolist()
             for k, b in zip(ids, best):
                 out[k] = bool(b) if task == "nlvr2" else label2ans[b]
@@ -291,15 +286,13 @@ def run_finetune(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
         raise ValueError(f"{run_dir.config_path}: kind 'finetune' needs a 'finetune' section")
     if ft.loss not in ("bce", "ce"):
         raise ValueError(f"finetune.loss: expected 'bce' or 'ce', got {ft.loss!r}")
-    seed_all(config.seed)
+    device, precision = start_stage(config, info)
     tokenizer = load_tokenizer(config.data)
     train_data, dev_data = load_datasets(config, tokenizer)
     label2ans = None if ft.task == "nlvr2" else dev_data.label2ans
     model = build_model(config, None if label2ans is None else len(label2ans))
     init = initialise(model, config, run_dir, label2ans)
 
-    device = select_device(config.device, info)
-    precision = select_precision(config.precision, device)
     dev = TaskExamples(dev_data)
     eval_batch = max(ft.optim.batch_size, 64)
 
@@ -318,13 +311,9 @@ def run_finetune(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
         atomic_torch_save(m.state_dict(), run_dir.checkpoint_dir / "best.pt")
         files.update(write_predictions(run_dir, ft.task, *result.payload))
 
-    settings = LoopSettings(
-        seed=config.seed, optim=ft.optim, checkpoint_dir=run_dir.checkpoint_dir,
-        log_path=run_dir.log_path, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, device=config.device,
-        precision=config.precision, num_workers=config.data.num_workers,
-        select_metric="accuracy", select_mode="max", eval_split=ft.valid_split,
-        eval_every_epoch=True,  # the best epoch is chosen on dev
+    settings = LoopSettings.from_run(
+        config, run_dir, ft.optim, select_metric="accuracy", select_mode="max",
+        eval_split=ft.valid_split, eval_every_epoch=True,  # the best epoch is chosen on dev
         desc=f"finetune {ft.task} {config.content_hash()}",
     )
     summary = train(model, TaskExamples(train_data), step, settings, evaluate=evaluate,

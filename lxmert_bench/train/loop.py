@@ -4,180 +4,77 @@
 - a deterministic data order: epoch ``e`` visits a permutation drawn from ``(seed, e)``, and any
   per-example randomness (masking, negatives) comes from a generator seeded with
   ``(seed, stream, epoch, index)`` instead of global RNG state; together with the RNG states in the
-  checkpoint this makes a resumed run equal an uninterrupted one;
-- checkpoints ``last.pt`` every ``checkpoint_every`` steps and at each epoch end (written atomically),
-  resume from it, and ``log.jsonl`` rewritten on resume so it never holds a step twice;
+  checkpoint (train/checkpoint.py) this makes a resumed run equal an uninterrupted one;
+- checkpoints ``last.pt`` every ``checkpoint_every`` steps and at each epoch end, resume from it;
 - a non-finite loss stops training with :class:`FloatingPointError` naming the step and the loss;
 - a tqdm bar on a terminal, plain log lines otherwise;
-- DDP from torchrun's or submitit's environment (gloo on CPU, nccl on CUDA): every rank takes its
-  share ``batch[rank::world]`` of the same global batch, so the optimisation equals one process's;
-  only rank 0 writes files.
+- DDP (train/distributed.py): every rank takes its share of the same global batch, so the
+  optimisation equals one process's; only rank 0 writes files.
+
+``train()`` runs a :class:`_Trainer`, whose methods are the loop's parts: ``step`` (one update),
+``log_step``, ``checkpoint``, ``end_epoch`` (evaluation, the epoch's checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
-import os
-import random
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lxmert_bench.config import OptimConfig
-from lxmert_bench.io import RefusedFile, atomic_torch_save, atomic_write_text, load_torch_file
-from lxmert_bench.train.optim import build_optimizer
+from lxmert_bench.train import distributed
+
+# checkpoint.py and distributed.py are the homes; some names (seed_all, request_stop, ...) are
+# also imported from here by the stages, the launcher and the tests: the loop's front door.
+from lxmert_bench.train.checkpoint import (  # noqa: F401
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_last,
+    seed_all,
+    set_rng_state,
+    truncate_log,
+)
+from lxmert_bench.train.distributed import (  # noqa: F401
+    DIST_TIMEOUT_ENV,
+    DistInfo,
+    StopRequested,
+    broadcast_object,
+    dist_timeout_s,
+    global_label_denominators,
+    request_stop,
+    setup_distributed,
+    shard,
+    stop_agreed,
+    teardown_distributed,
+)
+from lxmert_bench.train.optim import build_optimizer, micro_batch_size
+
+if TYPE_CHECKING:
+    from lxmert_bench.config import RunConfig
+    from lxmert_bench.store import RunDir
 
 # Streams of per-example randomness: training examples and the fixed validation masking.
 TRAIN_STREAM, VALID_STREAM = 0, 1
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed set-up
+# Device and precision
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # we initialised the process group (and so tear it down)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-DIST_TIMEOUT_ENV = "LXMERT_BENCH_DIST_TIMEOUT_S"
-DEFAULT_DIST_TIMEOUT_S = 1800.0  # torch's own default; must outlast rank 0's evaluation
-
-
-def dist_timeout_s() -> float:
-    """Seconds a collective (or the rendezvous) waits for a peer before it raises, from
-    ``$LXMERT_BENCH_DIST_TIMEOUT_S``: a dead peer ends the run with an error instead of a hang.
-    Not part of any stage's identity (it never changes a result)."""
-    raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_DIST_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"${DIST_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
-    return value
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group described by the environment, if any.
-
-    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. In a submitit Slurm
-    job with more than one task, submitit's ``TorchDistributedEnvironment`` sets them from Slurm's
-    variables: MASTER_ADDR is the job's first node (``SLURM_JOB_NODELIST``), the port a function of
-    the job id. They overwrite any inherited from the submitting shell (sbatch exports its
-    environment, so a submitter running under torchrun would otherwise hand its own rank down).
-    """
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-    in_submitit_slurm = "SLURM_JOB_ID" in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-    if in_submitit_slurm and slurm_tasks > 1:
-        import submitit
-
-        env = submitit.helpers.TorchDistributedEnvironment()
-        env.export(set_cuda_visible_devices=False, overwrite=True)
-    elif "SLURM_JOB_ID" in os.environ and slurm_tasks > 1 and "RANK" not in os.environ:
-        import submitit  # srun without submitit: the same variables
-
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
-            raise RuntimeError(f"distributed run: WORLD_SIZE={world} but ${var} is not set "
-                               "(start with torchrun or under Slurm with submitit)")
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_initialized():
-        return DistInfo(rank, world, local_rank, owns_group=False)
-    use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    timeout_s = dist_timeout_s()
-    backend = "nccl" if use_cuda else "gloo"
-    # where each rank is and whom it joins: the first thing to read when a multi-node run fails
-    master = os.environ["MASTER_ADDR"]
-    try:
-        master_ip = socket.gethostbyname(master)
-    except OSError:
-        master_ip = "unresolved"
-    print(f"[distributed] rank {rank}/{world} (local {local_rank}) on {socket.gethostname()}: "
-          f"{backend}, MASTER_ADDR={master} ({master_ip}):{os.environ['MASTER_PORT']}, "
-          f"timeout {timeout_s:g} s", file=sys.stderr, flush=True)
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local_rank, owns_group=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stopping at a step boundary (preemption, time limit)
-# ---------------------------------------------------------------------------------------------
-_stop_signal: int | None = None  # set by request_stop (a signal handler), read by train()
-
-
-class StopRequested(BaseException):  # noqa: N818 - control flow like SystemExit, not an error
-    """Training stopped at a step boundary because a stop was requested (the preemption signal):
-    every rank has written its part of ``last.pt`` at ``step``, so the run resumes from there.
-    A BaseException, so ``except Exception`` (error.json, "failed") does not take it for a failure.
-    """
-
-    def __init__(self, step: int, signum: int | None):
-        self.step, self.signum = step, signum
-        name = signal.Signals(signum).name if signum else "a stop request"
-        super().__init__(f"stopped by {name} after step {step} (last.pt written)")
-
-
-def request_stop(signum: int, _frame: Any = None) -> None:
-    """Signal handler (any rank): ask train() to write ``last.pt`` and raise
-    :class:`StopRequested` at its next step boundary where the ranks agree on it."""
-    global _stop_signal
-    _stop_signal = signum
-
-
-def _stop_agreed(info: DistInfo, step: int, every: int, device: torch.device) -> bool:
-    """True when any rank has a stop request. Alone: checked every step (a Python flag). Under
-    DDP: one int all-reduced every ``every`` steps, the same steps on every rank (no per-step sync)."""
-    if not info.enabled:
-        return _stop_signal is not None
-    if step % max(1, every):
-        return False
-    flag = torch.tensor([int(_stop_signal is not None)], device=device)  # nccl: a device tensor
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def teardown_distributed(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def select_device(device: str, info: DistInfo = DistInfo()) -> torch.device:
+def select_device(device: str, info: DistInfo | None = None) -> torch.device:
     """'auto' -> cuda when available (this rank's GPU under DDP), else cpu."""
+    info = info or DistInfo()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and info.enabled:
@@ -201,10 +98,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +125,6 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
     order = epoch_order(num_examples, seed, epoch)
     return [order[i * batch_size:(i + 1) * batch_size]
             for i in range(steps_per_epoch(num_examples, batch_size))]
-
-
-def shard(batch: np.ndarray, info: DistInfo) -> np.ndarray:
-    """This rank's share of a global batch (DistributedSampler-style striding)."""
-    return batch[info.rank::info.world_size]
 
 
 class TrainData(Protocol):
@@ -298,70 +186,34 @@ def batch_size_of(batch: dict[str, Any]) -> int:
     raise ValueError("batch has no tensor to count examples from")
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-# Checkpoints hold tensors and plain Python values only and load with weights_only=True: a
-# run directory on a shared filesystem may be writable by others, and a full unpickle of last.pt
-# would run whatever they put there as the user who resumes. (atomic_torch_save lives in io.py.)
+def split_batch(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """Micro-batches of ``size`` examples (the last one smaller when ``size`` does not divide the
+    batch), in order: tensors and per-example lists are cut along their first dimension."""
+    n = batch_size_of(batch)
 
-# Checkpoints written before RNG states became tensors hold numpy's get_state() tuple, whose
-# ndarray needs these globals; they only build arrays (under both numpy 1.x and 2.x names).
-try:
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct
-_PREVIOUS_FORMAT_GLOBALS: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32))] + [
-    (_reconstruct, f"{module}._reconstruct") for module in ("numpy._core.multiarray", "numpy.core.multiarray")]
+    def cut(v: Any, a: int, b: int) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            return v[a:b]
+        if isinstance(v, dict):
+            return {k: cut(x, a, b) for k, x in v.items()}
+        if isinstance(v, tuple):
+            return tuple(cut(x, a, b) for x in v)
+        if isinstance(v, list) and len(v) == n:
+            return v[a:b]
+        return v
 
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """One of our checkpoints, read without running code (``weights_only=True``; previous-format
-    files need only the numpy array globals above). A file holding anything else raises
-    :class:`~lxmert_bench.io.RefusedFile` naming it; a torn one a RuntimeError naming it."""
-    try:
-        ckpt = load_torch_file(path, allow=_PREVIOUS_FORMAT_GLOBALS)
-    except RefusedFile:
-        raise
-    except Exception as e:  # torn or foreign file: say which
-        raise RuntimeError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); if it is a "
-                           "stage's last.pt (torn by a crash or a full disk), move it away and "
-                           "the stage restarts from the beginning") from e
-    if not isinstance(ckpt, dict):
-        raise RuntimeError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
-    return ckpt
+    return [cut(batch, a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Every global generator's state as tensors and plain values (loadable with weights_only)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": random.getstate()}  # (int, tuple of ints, float | None)
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    if isinstance(n, dict):
-        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                             n["has_gauss"], n["cached_gaussian"]))
-    else:  # a previous-format checkpoint: numpy's own tuple
-        np.random.set_state(n)
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_all(seed: int) -> None:
-    """Seed every global generator (model initialisation draws from torch's)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def eval_batches(data: TrainData, batch_size: int, device: torch.device, seed: int = 0,
+                 stream: int = VALID_STREAM) -> Iterator[dict[str, Any]]:
+    """Every example once, in order, in batches of ``batch_size`` (the last one partial), on
+    ``device``: what evaluation and prediction read (randomness, e.g. validation masking, from
+    ``stream``: the same every epoch)."""
+    n = len(data)
+    batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    for batch in iterate_batches(data, batches, 0, seed, stream):
+        yield to_device(batch, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +246,29 @@ class LoopSettings:
     desc: str = "train"
     stop_check_every: int = 10  # DDP: steps between the ranks' agreements on a stop request
 
+    @classmethod
+    def from_run(cls, config: RunConfig, run_dir: RunDir, optim: OptimConfig,
+                 **stage: Any) -> LoopSettings:
+        """The settings of a stage from its configuration and run directory; ``stage`` holds what
+        only the stage knows (``eval_split``, ``select_metric``, ``find_unused_parameters``, ...)."""
+        base: dict[str, Any] = dict(
+            seed=config.seed, optim=optim, checkpoint_dir=run_dir.checkpoint_dir,
+            log_path=run_dir.log_path, log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every, device=config.device,
+            precision=config.precision, num_workers=config.data.num_workers,
+            eval_every_epoch=config.eval_every_epoch, desc=f"{config.kind} {config.content_hash()}",
+        )
+        return cls(**{**base, **stage})
+
+
+def start_stage(config: RunConfig, info: DistInfo) -> tuple[torch.device, str]:
+    """What every stage does first: seed the global generators (model initialisation draws from
+    them) and choose its device and precision."""
+    seed_all(config.seed)
+    device = select_device(config.device, info)
+    return device, select_precision(config.precision, device)
+
+
 
 @dataclass
 class EvalResult:
@@ -420,8 +295,10 @@ class TrainSummary:
         return self.samples / self.train_s if self.train_s > 0 else 0.0
 
 
-# step_fn(model, batch, epoch) -> {"loss": scalar tensor, "losses": {name: scalar tensor}}
-StepFn = Callable[[nn.Module, dict[str, Any], int], dict[str, Any]]
+# step_fn(model, batch, epoch) -> {"loss": scalar tensor, "losses": {name: scalar tensor}};
+# with ``label_counts`` given, step_fn(model, batch, epoch, denominators) (see train()).
+StepFn = Callable[..., dict[str, Any]]
+CountFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module, int], EvalResult]  # (unwrapped model, 1-based epoch)
 BestFn = Callable[[nn.Module, int, EvalResult], None]
 
@@ -444,26 +321,10 @@ class _State:
     log_acc_s: float = 0.0
     done: bool = False
 
-
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return True
     return value > best if mode == "max" else value < best
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Keep the log lines of steps up to the checkpoint's (and drop a torn last line)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= last_step:
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{ln}\n" for ln in kept))
 
 
 class _Progress:
@@ -511,199 +372,268 @@ def train(
     evaluate: EvalFn | None = None,
     on_best: BestFn | None = None,
     dist_info: DistInfo | None = None,
+    label_counts: CountFn | None = None,
 ) -> TrainSummary:
     """Train ``model`` on ``data`` for ``optim.epochs`` epochs (or ``optim.max_steps`` steps),
     resuming from ``checkpoint_dir/last.pt`` when it exists. Returns what happened, summed over
     every run that contributed (a resumed run counts the steps done before it too).
+
+    ``optim.micro_batch_size`` (examples per forward pass on one rank; None: the rank's whole
+    share) accumulates gradients over micro-batches: the same update as the whole batch at once.
+    ``label_counts(batch)`` (token-averaged losses): the counts their means divide by, e.g.
+    ``{"mlm": labelled words}``; the loop then hands ``step_fn`` the ``denominators`` that make
+    every micro-batch on every rank normalise by the global batch's counts (None when the
+    batch's own counts are those: one process, no accumulation).
     """
-    info = dist_info or DistInfo()
-    device = select_device(settings.device, info)
-    precision = select_precision(settings.precision, device)
-    optim = settings.optim
-    batch_size = optim.batch_size
-    if info.enabled and batch_size % info.world_size:
-        raise ValueError(f"optim.batch_size={batch_size} is not divisible by the "
-                         f"{info.world_size} processes (the global batch is split evenly)")
-    spe = steps_per_epoch(len(data), batch_size)
-    planned = optim.epochs * spe
-    total_steps = min(planned, optim.max_steps) if optim.max_steps else planned
-    if total_steps <= 0:
-        raise ValueError(f"nothing to train: epochs={optim.epochs}, max_steps={optim.max_steps}")
+    trainer = _Trainer(model, data, step_fn, settings, evaluate, on_best, dist_info or DistInfo(),
+                       label_counts)
+    return trainer.run()
 
-    model.to(device)
-    optimizer, schedule = build_optimizer(model.parameters(), optim, total_steps)
-    state = _State()
-    last_path = settings.checkpoint_dir / "last.pt"
-    if last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        state = _State(**ckpt["state"])
-        rngs = ckpt["rng"]
-        set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0], device)
-        if info.is_main:
-            _truncate_log(settings.log_path, state.global_step)
-    else:
-        if info.is_main and settings.log_path.exists():
-            settings.log_path.unlink()  # a previous attempt died before its first checkpoint
-        # dropout stream: per rank, independent of how many draws model initialisation took
-        torch.manual_seed(int(np.random.default_rng([settings.seed, 0xD0, info.rank]).integers(2**62)))
 
-    train_model: nn.Module = model
-    if info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=settings.find_unused_parameters,
-        )
+class _Trainer:
+    """One training run; ``run()`` reads top-down: epochs of steps, each epoch ended by
+    ``end_epoch``."""
 
-    def save_last() -> None:
-        rngs = [rng_state(device)]
+    def __init__(self, model: nn.Module, data: TrainData, step_fn: StepFn, settings: LoopSettings,
+                 evaluate: EvalFn | None, on_best: BestFn | None, info: DistInfo,
+                 label_counts: CountFn | None = None):
+        self.model, self.data, self.step_fn, self.settings = model, data, step_fn, settings
+        self.evaluate, self.on_best, self.info = evaluate, on_best, info
+        self.label_counts = label_counts
+        self.device = select_device(settings.device, info)
+        self.precision = select_precision(settings.precision, self.device)
+        optim = settings.optim
+        if info.enabled and optim.batch_size % info.world_size:
+            raise ValueError(f"optim.batch_size={optim.batch_size} is not divisible by the "
+                             f"{info.world_size} processes (the global batch is split evenly)")
+        self.micro_batch_size = micro_batch_size(optim, info.world_size)
+        self.steps_per_epoch = steps_per_epoch(len(data), optim.batch_size)
+        planned = optim.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, optim.max_steps) if optim.max_steps else planned
+        if self.total_steps <= 0:
+            raise ValueError(f"nothing to train: epochs={optim.epochs}, max_steps={optim.max_steps}")
+        model.to(self.device)
+        self.optimizer, self.schedule = build_optimizer(model.parameters(), optim, self.total_steps)
+        self.last_path = settings.checkpoint_dir / "last.pt"
+        self.state = self._resume()
+        self.train_model: nn.Module = model
         if info.enabled:
-            gathered: list[Any] = [None] * info.world_size
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if info.is_main:
-            atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "rng": rngs, "state": vars(state).copy(),
-                "world_size": info.world_size,
-            }, last_path)
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=settings.find_unused_parameters,
+            )
+        self.progress = _Progress(self.total_steps, self.state.global_step, settings.desc,
+                                  info.is_main)
 
-    def log(record: dict[str, Any]) -> None:
-        if info.is_main:
-            settings.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(settings.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+    # --- the run ------------------------------------------------------------------------------
+    def run(self) -> TrainSummary:
+        self.model.train()
+        try:
+            while not self.state.done:
+                for batch, global_n in self._epoch_batches():
+                    self.step(batch, global_n)
+                    if self.after_step():
+                        break
+                self.end_epoch()
+        finally:
+            self.progress.close()
+        return self._summary()
 
-    def run_eval(epoch_1: int) -> None:
-        if evaluate is None:
-            return
-        t0 = time.perf_counter()
-        record = None
-        if info.is_main:
-            result = evaluate(model, epoch_1)
-            model.train()
-            state.history.append({"epoch": epoch_1, "metrics": result.metrics})
-            log({"step": state.global_step, "epoch": epoch_1, "split": settings.eval_split,
-                 "metrics": result.metrics})
-            progress.write(f"[{settings.desc}] epoch {epoch_1} {settings.eval_split}: "
-                           + " ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
-            key = settings.select_metric
-            if key is not None:
-                if key not in result.metrics:
-                    raise KeyError(f"evaluation returned no {key!r} metric (got {sorted(result.metrics)})")
-                if _is_better(result.metrics[key], state.best_value, settings.select_mode):
-                    state.best_value = float(result.metrics[key])
-                    state.best_epoch = epoch_1
-                    state.best_metrics = dict(result.metrics)
-                    if on_best is not None:
-                        on_best(model, epoch_1, result)
-            record = (state.history, state.best_value, state.best_epoch, state.best_metrics)
-        if info.enabled:  # every rank keeps the same bookkeeping (it is checkpointed by rank 0)
-            box = [record]
-            dist.broadcast_object_list(box, src=0)
-            state.history, state.best_value, state.best_epoch, state.best_metrics = box[0]
-        state.eval_s += time.perf_counter() - t0
+    def _epoch_batches(self) -> Iterator[tuple[dict[str, Any], int]]:
+        """This rank's share of each global batch left in the epoch, with the global size."""
+        state, s = self.state, self.settings
+        batches = epoch_batches(len(self.data), s.optim.batch_size, s.seed, state.epoch)
+        todo = batches[state.step_in_epoch:]
+        local = iterate_batches(self.data, [shard(b, self.info) for b in todo], state.epoch, s.seed,
+                                TRAIN_STREAM, s.num_workers, self.device.type == "cuda")
+        self.tick = time.perf_counter()
+        yield from zip(local, [len(b) for b in todo])
 
-    progress = _Progress(total_steps, state.global_step, settings.desc, info.is_main)
-    model.train()
-    try:
-        while not state.done:
-            epoch = state.epoch
-            batches = epoch_batches(len(data), batch_size, settings.seed, epoch)
-            todo = [shard(b, info) for b in batches[state.step_in_epoch:]]
-            global_sizes = [len(b) for b in batches[state.step_in_epoch:]]
-            tick = time.perf_counter()
-            for local_batch, global_n in zip(
-                iterate_batches(data, todo, epoch, settings.seed, TRAIN_STREAM,
-                                settings.num_workers, device.type == "cuda"),
-                global_sizes,
-            ):
-                local_batch = to_device(local_batch, device)
-                local_n = batch_size_of(local_batch)
-                lr = schedule.step()
-                with autocast(device, precision):
-                    out = step_fn(train_model, local_batch, epoch)
+    def step(self, batch: dict[str, Any], global_n: int) -> None:
+        """One update on this rank's share of a global batch of ``global_n`` examples, in
+        micro-batches when ``optim.micro_batch_size`` asks for them."""
+        state, info = self.state, self.info
+        batch = to_device(batch, self.device)
+        local_n = batch_size_of(batch)
+        micros = split_batch(batch, self.micro_batch_size or local_n)
+        micro_ns = [batch_size_of(m) for m in micros]
+        denominators: list[Any] = [None] * len(micros)
+        if self.label_counts is not None:
+            found = global_label_denominators(self.label_counts(batch), local_n, micro_ns, info)
+            denominators = found or denominators
+        lr = self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        values: torch.Tensor | None = None
+        for i, (micro, micro_n, denom) in enumerate(zip(micros, micro_ns, denominators)):
+            share = micro_n / global_n
+            extra = () if self.label_counts is None else (denom,)
+            last = i == len(micros) - 1
+            # DDP all-reduces the gradients on the last micro-step only
+            with self._sync_gradients(last), autocast(self.device, self.precision):
+                out = self.step_fn(self.train_model, micro, state.epoch, *extra)
                 loss = out["loss"]
                 names = sorted(out.get("losses", {}))
-                # global means of the loss values: each rank's mean weighted by its share
-                share = local_n / global_n
-                values = torch.stack([loss.detach().float()]
-                                     + [out["losses"][k].detach().float() for k in names]) * share
-                if info.enabled:
-                    dist.all_reduce(values)
-                values = values.cpu()
-                if not bool(torch.isfinite(values).all()):
-                    named = dict(zip(["loss", *names], values.tolist()))
-                    bad = [n for n, v in named.items() if not math.isfinite(v)]
-                    detail = ", ".join(f"{n}={v}" for n, v in named.items())
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {state.global_step + 1} (epoch {epoch + 1}, "
-                        f"lr {lr:.3e}): {', '.join(bad)} ({detail}); stopping",
-                        step=state.global_step + 1, losses=named,
-                    )
-                optimizer.zero_grad(set_to_none=True)
+                # global means of the loss values: each micro-batch's mean weighted by its share
+                part = torch.stack([loss.detach().float()]
+                                   + [out["losses"][k].detach().float() for k in names]) * share
+                values = part if values is None else values + part
                 # DDP averages gradients over ranks; scaling by share*world makes that the
                 # gradient of the global-batch mean even when shards differ in size
                 (loss * (share * info.world_size)).backward()
-                if optim.grad_clip and optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-                optimizer.step()
+        assert values is not None
+        distributed.all_reduce_sum(values, info)
+        values = values.cpu()
+        if not bool(torch.isfinite(values).all()):
+            self._non_finite(dict(zip(["loss", *names], values.tolist())), state.global_step + 1, lr)
+        if self.settings.optim.grad_clip and self.settings.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optim.grad_clip)
+        self.optimizer.step()
 
-                state.global_step += 1
-                state.step_in_epoch += 1
-                state.samples += global_n
-                now = time.perf_counter()
-                state.train_s += now - tick
-                state.log_acc_s += now - tick
-                tick = now
-                for n, v in zip(["loss", *names], values.tolist()):
-                    state.log_acc[n] = state.log_acc.get(n, 0.0) + v
-                state.log_acc_steps += 1
-                state.log_acc_samples += global_n
+        state.global_step += 1
+        state.step_in_epoch += 1
+        state.samples += global_n
+        now = time.perf_counter()
+        state.train_s += now - self.tick
+        state.log_acc_s += now - self.tick
+        self.tick = now
+        for n, v in zip(["loss", *names], values.tolist()):
+            state.log_acc[n] = state.log_acc.get(n, 0.0) + v
+        state.log_acc_steps += 1
+        state.log_acc_samples += global_n
+        self.lr = lr
 
-                record = None
-                if state.global_step % max(1, settings.log_every) == 0 or state.global_step == total_steps:
-                    record = _log_record(state, epoch, lr, total_steps)
-                    log(record)
-                progress.update(state.global_step, record)
+    def after_step(self) -> bool:
+        """Log, stop on request, checkpoint; True when the epoch (or training) ends here."""
+        state, s = self.state, self.settings
+        self.log_step()
+        finished = state.global_step >= self.total_steps
+        # before the epoch-end break, or checks on multiples of an epoch never happen; a resume
+        # at step_in_epoch == steps_per_epoch goes straight to the epoch's end (eval, save)
+        if not finished and stop_agreed(self.info, state.global_step, s.stop_check_every,
+                                        self.device):
+            self.checkpoint()  # collective: every rank is here, at the same step
+            signum = distributed._stop_signal
+            name = signal.Signals(signum).name if signum else "another rank"
+            self.progress.write(f"[{s.desc}] stop requested ({name}): last.pt written at step "
+                                f"{state.global_step}")
+            raise StopRequested(state.global_step, signum)
+        if finished or state.step_in_epoch == self.steps_per_epoch:
+            return True
+        if state.global_step % max(1, s.checkpoint_every) == 0:
+            self.checkpoint()
+            self.tick = time.perf_counter()  # checkpoint time is not training time
+        return False
 
-                last_of_epoch = state.step_in_epoch == spe
-                finished = state.global_step >= total_steps
-                # before the epoch-end break, or checks on multiples of an epoch never happen; a
-                # resume at step_in_epoch == spe goes straight to the epoch's end (eval, save)
-                if not finished and _stop_agreed(info, state.global_step,
-                                                 settings.stop_check_every, device):
-                    save_last()  # collective: every rank is here, at the same step
-                    name = signal.Signals(_stop_signal).name if _stop_signal else "another rank"
-                    progress.write(f"[{settings.desc}] stop requested ({name}): last.pt written "
-                                   f"at step {state.global_step}")
-                    raise StopRequested(state.global_step, _stop_signal)
-                if finished or last_of_epoch:
-                    break
-                if state.global_step % max(1, settings.checkpoint_every) == 0:
-                    save_last()
-                    tick = time.perf_counter()  # checkpoint time is not training time
-            # end of the epoch (or of training when max_steps cuts it short)
-            finished = state.global_step >= total_steps
-            if settings.eval_every_epoch or finished:
-                run_eval(epoch + 1)
-            if finished:
-                state.done = True
-            else:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            save_last()
-    finally:
-        progress.close()
+    def log_step(self) -> None:
+        state = self.state
+        record = None
+        if state.global_step % max(1, self.settings.log_every) == 0 or state.global_step == self.total_steps:
+            record = _log_record(state, state.epoch, self.lr, self.total_steps)
+            self._log(record)
+        self.progress.update(state.global_step, record)
 
-    return TrainSummary(
-        steps=state.global_step, samples=state.samples, train_s=state.train_s, eval_s=state.eval_s,
-        history=state.history, best_epoch=state.best_epoch, best_metrics=state.best_metrics,
-        last_metrics=state.history[-1]["metrics"] if state.history else None,
-        device=str(device), precision=precision, world_size=info.world_size,
-    )
+    def end_epoch(self) -> None:
+        """The end of an epoch (or of training when max_steps cuts it short): evaluate, move on,
+        checkpoint."""
+        state = self.state
+        finished = state.global_step >= self.total_steps
+        if self.settings.eval_every_epoch or finished:
+            self._evaluate(state.epoch + 1)
+        if finished:
+            state.done = True
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """``last.pt`` (collective under DDP: every rank calls it at the same step)."""
+        save_last(self.last_path, self.info, self.device, model=self.model.state_dict(),
+                  optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                  state=vars(self.state).copy())
+
+    # --- parts ----------------------------------------------------------------------------------
+    def _sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` on all but the last micro-step: gradients accumulate locally and are
+        all-reduced once per update."""
+        if sync or not isinstance(self.train_model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
+    def _resume(self) -> _State:
+        s, info = self.settings, self.info
+        if not self.last_path.exists():
+            if info.is_main and s.log_path.exists():
+                s.log_path.unlink()  # a previous attempt died before its first checkpoint
+            # dropout stream: per rank, independent of how many draws model initialisation took
+            torch.manual_seed(int(np.random.default_rng([s.seed, 0xD0, info.rank]).integers(2**62)))
+            return _State()
+        ckpt = load_checkpoint(self.last_path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        restore_rng(ckpt, info, self.device)
+        state = _State(**ckpt["state"])
+        if info.is_main:
+            truncate_log(s.log_path, state.global_step)
+        return state
+
+    def _non_finite(self, named: dict[str, float], step: int, lr: float) -> None:
+        bad = [n for n, v in named.items() if not math.isfinite(v)]
+        detail = ", ".join(f"{n}={v}" for n, v in named.items())
+        raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.state.epoch + 1}, "
+                            f"lr {lr:.3e}): {', '.join(bad)} ({detail}); stopping",
+                            step=step, losses=named)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.info.is_main:
+            self.settings.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.settings.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _evaluate(self, epoch_1: int) -> None:
+        if self.evaluate is None:
+            return
+        state, s = self.state, self.settings
+        t0 = time.perf_counter()
+        record = None
+        if self.info.is_main:
+            result = self.evaluate(self.model, epoch_1)
+            self.model.train()
+            state.history.append({"epoch": epoch_1, "metrics": result.metrics})
+            self._log({"step": state.global_step, "epoch": epoch_1, "split": s.eval_split,
+                       "metrics": result.metrics})
+            self.progress.write(f"[{s.desc}] epoch {epoch_1} {s.eval_split}: "
+                                + " ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+            self._select_best(epoch_1, result)
+            record = (state.history, state.best_value, state.best_epoch, state.best_metrics)
+        # every rank keeps the same bookkeeping (it is checkpointed by rank 0)
+        record = broadcast_object(record, self.info)
+        state.history, state.best_value, state.best_epoch, state.best_metrics = record
+        state.eval_s += time.perf_counter() - t0
+
+    def _select_best(self, epoch_1: int, result: EvalResult) -> None:
+        state, key = self.state, self.settings.select_metric
+        if key is None:
+            return
+        if key not in result.metrics:
+            raise KeyError(f"evaluation returned no {key!r} metric (got {sorted(result.metrics)})")
+        if _is_better(result.metrics[key], state.best_value, self.settings.select_mode):
+            state.best_value = float(result.metrics[key])
+            state.best_epoch = epoch_1
+            state.best_metrics = dict(result.metrics)
+            if self.on_best is not None:
+                self.on_best(self.model, epoch_1, result)
+
+    def _summary(self) -> TrainSummary:
+        state = self.state
+        return TrainSummary(
+            steps=state.global_step, samples=state.samples, train_s=state.train_s,
+            eval_s=state.eval_s, history=state.history, best_epoch=state.best_epoch,
+            best_metrics=state.best_metrics,
+            last_metrics=state.history[-1]["metrics"] if state.history else None,
+            device=str(self.device), precision=self.precision, world_size=self.info.world_size,
+        )
 
 
 def _log_record(state: _State, epoch: int, lr: float, total_steps: int) -> dict[str, Any]:
@@ -719,10 +649,3 @@ def _log_record(state: _State, epoch: int, lr: float, total_steps: int) -> dict[
     }
     state.log_acc, state.log_acc_steps, state.log_acc_samples, state.log_acc_s = {}, 0, 0, 0.0
     return record
-
-
-def state_bytes(obj: Any) -> bytes:
-    """Serialised bytes of a state dict (tests compare runs with it)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()

@@ -11,30 +11,27 @@ Each epoch ends with the validation losses per task on ``valid_split``; the stag
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from lxmert_bench.config import PretrainConfig, RunConfig
-from lxmert_bench.data.pretrain import IGNORE, PretrainExamples
+from lxmert_bench.data.pretrain import PretrainExamples
+from lxmert_bench.io import atomic_torch_save
 from lxmert_bench.model import LxmertForPretraining
+from lxmert_bench.model.heads import IGNORE, VISUAL_LOSSES
 from lxmert_bench.store import RunDir
+from lxmert_bench.train.distributed import current_dist_info, global_label_denominators
 from lxmert_bench.train.loop import (
-    VALID_STREAM,
     DistInfo,
     EvalResult,
     LoopSettings,
     autocast,
     batch_size_of,
-    iterate_batches,
-    seed_all,
-    select_device,
-    select_precision,
+    eval_batches,
+    start_stage,
     steps_per_epoch,
-    to_device,
     train,
 )
 
@@ -42,7 +39,7 @@ from lxmert_bench.train.loop import (
 def active_tasks(p: PretrainConfig) -> list[str]:
     """The losses this configuration trains, in the official order."""
     tasks = (["mlm"] if p.mask_lm else []) + (["matched"] if p.matched else [])
-    tasks += [v for v in ("obj", "attr", "feat") if v in p.visual_losses]
+    tasks += [v for v in VISUAL_LOSSES if v in p.visual_losses]
     return tasks + (["qa"] if p.qa else [])
 
 
@@ -58,10 +55,10 @@ def check_pretrain_config(p: PretrainConfig) -> None:
     if active_tasks(p) == ["qa"] and p.qa_start > 0:
         raise ValueError(f"pretrain: only the QA task is on but it starts at qa_start={p.qa_start}; "
                          "the epochs before it would have no loss")
-    unknown = sorted(set(p.visual_losses) - {"obj", "attr", "feat"})
+    unknown = sorted(set(p.visual_losses) - set(VISUAL_LOSSES))
     if unknown:
         raise ValueError(f"pretrain.visual_losses: unknown {unknown}; expected a subset of "
-                         "['obj', 'attr', 'feat']")
+                         f"{list(VISUAL_LOSSES)}")
 
 
 def make_examples(p: PretrainConfig, corpus: Any, tokenizer: Any, qa_from: int | None) -> PretrainExamples:
@@ -95,46 +92,32 @@ def pretrain_forward(model: torch.nn.Module, batch: dict[str, Any], p: PretrainC
     )
 
 
-def global_label_denominators(batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """Under DDP, what each rank divides its summed MLM / QA losses by so that the ranks together
-    equal one process on the global batch: the GLOBAL count of labelled words / answers times
-    this rank's share of the examples (the loop backpropagates loss x share x world and DDP
-    averages). None in a single process (the local counts are the global ones)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    ids = batch["input_ids"]
-    counts = torch.stack([
-        torch.tensor(ids.shape[0], device=ids.device),
-        (batch["masked_lm_labels"] != IGNORE).sum(),
-        (batch["ans"] != IGNORE).sum(),
-    ]).to(torch.float64)
-    local_n = counts[0].clone()
-    dist.all_reduce(counts)  # [global examples, global labelled words, global answers]
-    share = local_n / counts[0]
-    return {"mlm": (counts[1].clamp(min=1) * share).float(),
-            "qa": (counts[2].clamp(min=1) * share).float()}
+def label_counts(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The labelled words and answers of a batch: the denominators of the token-averaged MLM and
+    QA losses (train/loop.py ``label_counts``)."""
+    return {"mlm": (batch["masked_lm_labels"] != IGNORE).sum(), "qa": (batch["ans"] != IGNORE).sum()}
 
 
 def pretrain_train_forward(model: torch.nn.Module, batch: dict[str, Any], p: PretrainConfig,
                            with_qa: bool, qa_weight: float) -> dict[str, Any]:
-    """A training step's forward pass: the token-averaged losses normalised by the global label
-    counts under DDP, so 1 and N ranks give the same losses and gradients. (Every rank calls it
-    at every step: it all-reduces; validation runs on rank 0 alone and uses pretrain_forward.)"""
-    return pretrain_forward(model, batch, p, with_qa, qa_weight, global_label_denominators(batch))
+    """A training step's forward pass on this rank's whole share of the global batch, with the
+    MLM / QA losses normalised by the global label counts under DDP, so 1 and N ranks give the
+    same losses and gradients. (Every rank calls it: it all-reduces. The loop does the same for
+    micro-batches through ``label_counts``; validation runs on rank 0 alone.)"""
+    n = batch_size_of(batch)
+    denominators = global_label_denominators(label_counts(batch), n, [n], current_dist_info())
+    return pretrain_forward(model, batch, p, with_qa, qa_weight,
+                            None if denominators is None else denominators[0])
 
 
 def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: PretrainConfig,
                       seed: int, device: torch.device, precision: str) -> dict[str, float]:
     """Mean losses per task on the validation corpus (fixed masking: the same every epoch)."""
     model.eval()
-    n = len(examples)
-    bs = p.optim.batch_size
-    batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
     sums: dict[str, float] = {}
     seen = 0
     with torch.no_grad():
-        for batch in iterate_batches(examples, batches, 0, seed, VALID_STREAM):
-            batch = to_device(batch, device)
+        for batch in eval_batches(examples, p.optim.batch_size, device, seed):
             k = batch_size_of(batch)
             with autocast(device, precision):
                 out = pretrain_forward(model, batch, p, with_qa=p.qa, qa_weight=1.0)
@@ -190,7 +173,7 @@ def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
     if p is None:
         raise ValueError(f"{run_dir.config_path}: kind 'pretrain' needs a 'pretrain' section")
     check_pretrain_config(p)
-    seed_all(config.seed)
+    device, precision = start_stage(config, info)
     data = config.data
     tokenizer = load_tokenizer(data)
     corpus, valid_corpus = load_corpora(config)
@@ -210,35 +193,27 @@ def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
     model = build_model(config, num_answers)
     init_source = init_from_bert(model, config, run_dir) if p.init == "bert" else None
 
-    device = select_device(config.device, info)
-    precision = select_precision(config.precision, device)
-
-    def step(m: torch.nn.Module, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+    def step(m: torch.nn.Module, batch: dict[str, Any], epoch: int,
+             denominators: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         with_qa = qa_from is not None and epoch >= qa_from
-        return pretrain_train_forward(m, batch, p, with_qa=with_qa, qa_weight=p.qa_weight)
+        return pretrain_forward(m, batch, p, with_qa, p.qa_weight, denominators)
 
     def evaluate(m: torch.nn.Module, epoch: int) -> EvalResult:
         if len(valid_examples) == 0:
             return EvalResult({})
         return EvalResult(validation_losses(m, valid_examples, p, config.seed, device, precision))
 
-    settings = LoopSettings(
-        seed=config.seed, optim=p.optim, checkpoint_dir=run_dir.checkpoint_dir,
-        log_path=run_dir.log_path, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, device=config.device,
-        precision=config.precision, num_workers=data.num_workers, eval_split=p.valid_split,
-        eval_every_epoch=config.eval_every_epoch,
+    settings = LoopSettings.from_run(
+        config, run_dir, p.optim, eval_split=p.valid_split,
         find_unused_parameters=True,  # the QA head idles before qa_start
-        desc=f"pretrain {config.content_hash()}",
     )
-    summary = train(model, examples, step, settings, evaluate=evaluate, dist_info=info)
+    summary = train(model, examples, step, settings, evaluate=evaluate, dist_info=info,
+                    label_counts=label_counts)
     if info.is_main:  # official names (bert.*, cls.*, obj_predict_head.*, answer_head.*)
-        from lxmert_bench.model.weights import save_weights
+        from lxmert_bench.model.weights import named_tensors
 
-        final = run_dir.checkpoint_dir / "model.pt"
-        tmp = final.with_name(".model.tmp.pt")
-        save_weights(model, tmp)
-        os.replace(tmp, final)  # atomic: a reader never sees half of it
+        # save_weights' .pt format, written atomically: a reader never sees half of it
+        atomic_torch_save(named_tensors(model, official=True), run_dir.checkpoint_dir / "model.pt")
     metrics = summary.last_metrics or {}
     return {
         "metrics": metrics, "last_metrics": metrics, "best_epoch": None,
