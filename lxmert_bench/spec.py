@@ -196,6 +196,9 @@ def _check_value(key: str, value: Any) -> str | None:
     leaf = key.rsplit(".", 1)[-1]
     if key == "model.preset" and value not in PRESETS:
         return f"unknown model preset {value!r}; known: {sorted(PRESETS)}"
+    if key == "model.num_qa_labels":  # in the hash since the start, but no stage reads it
+        return ("set by the answer table, not by a spec: lxmert/all_ans.json for pretraining, "
+                "the task's answers for fine-tuning")
     if leaf == "visual_losses":
         bad = [v for v in value if v not in VISUAL_LOSSES]
         if bad:
