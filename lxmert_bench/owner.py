@@ -61,6 +61,31 @@ def remove_dead_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+def owned_temp_dir(target: Path) -> Path:
+    """A new directory :func:`temp_name` of ``target``, beside it, after removing the temporaries
+    dead processes of this host left there. Created with the user's umask, like the directory it
+    becomes (``tempfile.mkdtemp`` would make it private, 0700, and leave random names behind)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(target)
+    tmp = target.parent / temp_name(target.name)
+    if tmp.exists():  # this very process left it (an earlier failure): it is ours to replace
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` to disk, so a rename that publishes it never
+    survives a crash that its contents did not."""
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def same_process(pid: int, start_time: int | None) -> bool:
     """Whether ``pid`` on this host is still the process that had ``start_time``."""
     return pid_alive(pid) and process_start_time(pid) == start_time
@@ -75,11 +100,10 @@ def publish_directory(target: Path, fill: Callable[[Path], None]) -> bool:
     copy is dropped (returns False). Callers check beforehand that ``target`` holds no one else's
     files, so nothing of anyone's is removed: ``rmdir`` fails rather than remove a file.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(target)
-    tmp = target.parent / temp_name(target.name)
+    tmp = owned_temp_dir(target)
     try:
         fill(tmp)
+        fsync_tree(tmp)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         if target.exists():

@@ -160,6 +160,30 @@ def test_two_specs_with_one_name_do_not_overwrite_each_others_report(tmp_path, c
     assert sorted(p.name for p in mine.iterdir()) == ["draft.tex"]
 
 
+def test_a_killed_report_writer_leaves_nothing_that_blocks_the_next_report(tmp_path, capsys,
+                                                                          monkeypatch):
+    """The report is built in a temporary named after its writer (host, pid) inside the report
+    folder; one a killed writer left is removed by the next report, not taken for a user's file."""
+    monkeypatch.chdir(tmp_path)
+    spec, wd = _spec(tmp_path), str(tmp_path / "wd")
+    assert main(["report", str(spec), "--profile", "test", "--workdir", wd]) == 0
+    out = tmp_path / "results" / "tiny_one"
+    left = out / f".report.md.tmp-{HOST}-{_dead_pid()}"
+    left.mkdir()
+    (left / "results.jsonl").write_text("half")
+    capsys.readouterr()
+    assert main(["report", str(spec), "--profile", "test", "--workdir", wd]) == 0, \
+        capsys.readouterr().err
+    assert not left.exists() and not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert oct((out / "report.md").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # --- the same command runs the same experiment --------------------------------------------------
 def test_remembered_set_is_kept_and_said(tmp_path, capsys, monkeypatch):
     """run --set X SPEC; run SPEC (reuses X, said); run SPEC again: still nothing new to run."""

@@ -25,7 +25,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 
 from lxmert_bench.data.features import FeatureFormatError, iter_obj_tsv_hashed
 from lxmert_bench.io import atomic_write_json, read_json, utc_now
+from lxmert_bench.owner import owned_temp_dir
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -407,12 +407,10 @@ def convert_tsvs(
     if existing is not None:
         return existing
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = owned_temp_dir(out_dir)  # the user's umask: readable by whoever shares the data root
     try:
         index = _write_store(tsvs, tmp, feature_dtype, topk, progress)
         atomic_write_json(tmp / INDEX_FILE, index)  # written last: its presence means finished
-        _share_like_umask(tmp)
         return _publish(tmp, out_dir, tsvs, feature_dtype, topk, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -437,16 +435,6 @@ def _existing_store(out_dir: Path, tsvs: list[Path], feature_dtype: str, topk: i
         f"{out_dir}: an existing feature store does not match the request ({reason}); "
         "pass overwrite=True or remove the directory"
     )
-
-
-def _share_like_umask(directory: Path) -> None:
-    """mkdtemp/mkstemp create private (0700/0600) entries; other users of a shared data root
-    must be able to read the store, so apply the usual umask-based modes."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(directory, 0o777 & ~mask)
-    for f in directory.iterdir():
-        os.chmod(f, 0o666 & ~mask)
 
 
 def _publish(tmp: Path, out_dir: Path, tsvs: list[Path], feature_dtype: str, topk: int | None,

@@ -49,6 +49,7 @@ def claim_report_dir(out_dir: Path, spec: Spec) -> None:
     or empty folder, one it marked as this spec file's, or an unmarked one holding only the files
     a report consists of (reports written before the mark existed)."""
     from lxmert_bench.io import atomic_write_json, read_json
+    from lxmert_bench.owner import remove_dead_temporaries
 
     me = str(Path(spec.path).resolve())
     owner_path = out_dir / OWNER_FILE
@@ -65,8 +66,10 @@ def claim_report_dir(out_dir: Path, spec: Spec) -> None:
                 f"{me} has the same name: {spec.name!r}. Rename one spec, or pass --out DIR")
         return
     if out_dir.is_dir():
+        remove_dead_temporaries(out_dir / "report.md")  # of a report writer that was killed
         foreign = sorted(p.name for p in out_dir.iterdir()
-                         if p.name not in _REPORT_FILES and p.suffix != ".png")
+                         if p.name not in _REPORT_FILES and p.suffix != ".png"
+                         and not p.name.startswith(".report.md.tmp-"))  # one being written
         if foreign:
             raise ReportDirError(f"{out_dir}: holds files that are not a report of lxmert-bench "
                                  f"({', '.join(foreign[:5])}); pass --out DIR for the report")

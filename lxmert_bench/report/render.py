@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from lxmert_bench import __version__
 from lxmert_bench.config import FIXED_DIFFERENCES, switches
 from lxmert_bench.io import atomic_write_text
 from lxmert_bench.model.config import PRESETS
+from lxmert_bench.owner import owned_temp_dir
 from lxmert_bench.report.collect import (
     ReportEntry,
     ReportSpec,
@@ -335,8 +335,7 @@ def write_report(spec: ReportSpec, entries: Sequence[ReportEntry], workdir: str 
     """Collect, test, tabulate and plot; write ``report.md``, ``results.jsonl`` and the PNGs into
     ``out_dir`` (each moved into place whole, report.md last). Returns the report's path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".report-tmp-"))
+    tmp = owned_temp_dir(out_dir / "report.md")  # .report.md.tmp-<host>-<pid>
     try:
         frame = collect(entries, workdir, results_path=tmp / "results.jsonl")
         curves = read_curves(entries, workdir)
