@@ -225,3 +225,16 @@ def test_export_refuses_foreign_directories_and_unknown_runs(finished, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "nlvr2_head.safetensors", MARKER])
     assert "LxmertModel" in capsys.readouterr().out
+
+
+def test_the_report_lists_the_leaderboard_files(finished, tmp_path):
+    spec, wd, runs = finished
+    assert main(["predict", str(spec), "--workdir", str(wd)]) == 0  # all splits present again
+    assert main(["report", str(spec), "--workdir", str(wd), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    section = text.split("## Test-split predictions (leaderboard files)", 1)[1].split("\n## ", 1)[0]
+    for task, splits in TEST_SPLITS.items():
+        for name, _ in splits.values():
+            assert str(runs[task].path / "predictions" / name) in section, name
+    assert "NLVR2 Test-U" in section and "absent" not in section
+    assert "accuracy" in section  # GQA testdev and NLVR2 Test-P have released answers

@@ -34,6 +34,7 @@ from lxmert_bench.report.collect import (
 )
 from lxmert_bench.report.plots import plot_task_bars, plot_training_curves
 from lxmert_bench.report.significance import N_RESAMPLES, Comparison, compare_to_reference
+from lxmert_bench.report.submissions import submissions_section
 from lxmert_bench.report.tables import (
     TASK_LABELS,
     Summary,
@@ -320,6 +321,7 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
         if title.startswith("Pretraining"):
             out += ["— : a task the variant does not train. *total* sums the losses of the tasks a "
                     "variant trains, so it is not comparable across rows (never bold).", ""]
+    out += submissions_section(frame)
     if plots:
         out += ["## Plots", ""]
         for name in plots:
