@@ -313,7 +313,8 @@ def axis_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[str
             rest = [f"{a}={v}" for a, v in at.items() if a != axis]
             label = ", ".join([group, *rest] if group else rest) or "—"
             rows_of.setdefault(label, {})[at[axis]] = cell
-        headers = ["Variant"] + [f"{TASK_LABELS[t]} {axis}={v}" for t in spec.tasks for v in values]
+        headers = ["Variant"] + [f"{TASK_LABELS[t]} {md_text(axis)}={md_text(v)}"
+                                 for t in spec.tasks for v in values]
         rows = []
         for label, by_value in rows_of.items():
             row = [md_text(label)]
