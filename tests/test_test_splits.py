@@ -94,6 +94,7 @@ def _read(path: Path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # the module's run: ~60 s for a pretraining and three fine-tunings
 def test_fine_tuning_writes_every_test_split_in_its_leaderboard_format(finished):
     _, _, runs = finished
     root = Path(runs["vqa"].read_config().data.root)
@@ -129,6 +130,7 @@ def test_fine_tuning_writes_every_test_split_in_its_leaderboard_format(finished)
     assert entry["metrics"]["accuracy"] == pytest.approx(gqa.read_result()["metrics"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_predict_rewrites_them_from_best_pt_without_training(finished, capsys):
     spec, wd, runs = finished
     run = runs["nlvr2"]
@@ -149,6 +151,7 @@ def test_predict_rewrites_them_from_best_pt_without_training(finished, capsys):
     assert run.result_path.read_bytes() == result and run.log_path.read_bytes() == log  # no training
 
 
+@pytest.mark.slow
 def test_a_test_split_without_its_files_is_named_absent_not_an_error(finished, capsys):
     spec, wd, runs = finished
     root = Path(runs["nlvr2"].read_config().data.root)
@@ -164,6 +167,7 @@ def test_a_test_split_without_its_files_is_named_absent_not_an_error(finished, c
     assert set(manifest["splits"]) == {"test"} and set(manifest["absent"]) == {"test2"}
 
 
+@pytest.mark.slow
 def test_predict_names_unfinished_stages_and_exits_1(finished, capsys):
     spec, wd, _ = finished
     rc = main(["predict", str(spec), "--workdir", str(wd), "--only", "task=vqa",
@@ -185,6 +189,7 @@ def _batch(run: RunDir, n: int = 4) -> dict:
     return collate([data[i] for i in range(n)]), data
 
 
+@pytest.mark.slow
 def test_export_of_a_vqa_run_loads_in_transformers_with_our_answers(finished, tmp_path):
     from lxmert_bench.export import trained_model
 
@@ -208,6 +213,7 @@ def test_export_of_a_vqa_run_loads_in_transformers_with_our_answers(finished, tm
     assert hf_pre.config.task_qa and hasattr(hf_pre, "answer_head")
 
 
+@pytest.mark.slow
 def test_export_refuses_foreign_directories_and_unknown_runs(finished, tmp_path, capsys):
     _, wd, runs = finished
     theirs = tmp_path / "theirs"
@@ -227,6 +233,7 @@ def test_export_refuses_foreign_directories_and_unknown_runs(finished, tmp_path,
     assert "LxmertModel" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_report_lists_the_leaderboard_files(finished, tmp_path):
     spec, wd, runs = finished
     assert main(["predict", str(spec), "--workdir", str(wd)]) == 0  # all splits present again
