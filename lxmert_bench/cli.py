@@ -324,18 +324,19 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
+    from lxmert_bench.plan import plan_notes
+
+    notes = plan_notes(plan)
     if as_json:
         print(json.dumps({"stages": rows, "counts": counts, "gpu_hours_to_run": round(todo_hours, 1),
-                          "sbatch_test_only": test_only or {}}, indent=2))
+                          "sbatch_test_only": test_only or {}, "notes": notes}, indent=2))
         return
     from tabulate import tabulate
 
     spec = plan.specs[0]
     print(f"Plan for {', '.join(s.name for s in plan.specs)} (profile: {spec.profile.name}, "
           f"resources: {resources.name})")
-    from lxmert_bench.plan import plan_notes
-
-    for note in plan_notes(plan):
+    for note in notes:
         print(note)
     table = [[r["state"], r["kind"], r["stage"].split("/")[1], r["what"],
               f"{r['shared_by']} variants" if r["shared_by"] > 1 else "",

@@ -3,6 +3,7 @@ every other key, planned with stages shared between cells, noted by `plan`, a ta
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -158,6 +159,10 @@ def test_plan_notes_a_mask_rate_with_the_official_weight(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "spec.yaml"), "--workdir", str(tmp_path / "wd"),
                  "--profile", "test"]) == 0
     assert "pretrain.obj_mask_rate is 0.1" in capsys.readouterr().out
+    assert main(["plan", str(tmp_path / "spec.yaml"), "--workdir", str(tmp_path / "wd"),
+                 "--profile", "test", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert [n for n in notes if "obj_mask_rate is 0.3" in n]
 
 
 def _frame(rows: list[tuple[str, str, float | None, str]]) -> pd.DataFrame:
