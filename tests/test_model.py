@@ -234,8 +234,11 @@ def test_one_cross_attention_shared_by_both_directions() -> None:
     with torch.no_grad():
         for lm, vm in ((None, None), (lang_mask, None), (lang_mask, visn_mask)):
             got_lang, got_visn = layer.cross_attention(lang_in, lm, visn_in, vm)
+            ref_lang, ref_visn = layer.cross_attention_by_direction(lang_in, lm, visn_in, vm)
             assert torch.allclose(got_lang, layer.visual_attention(lang_in, visn_in, vm), atol=1e-6)
             assert torch.allclose(got_visn, layer.visual_attention(visn_in, lang_in, lm), atol=1e-6)
+            assert torch.allclose(got_lang, ref_lang, atol=1e-6)
+            assert torch.allclose(got_visn, ref_visn, atol=1e-6)
     # perturbing it changes both outputs; perturbing the language self-attention only one
     with torch.no_grad():
         ref_lang, ref_visn = layer(lang_in, None, visn_in, None)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lxmert_bench.model.config import LxmertConfig
-from lxmert_bench.model.lxmert import Lxmert, init_weights
+from lxmert_bench.model.lxmert import GELU, Lxmert, gelu, init_weights
 
 IGNORE = -1  # the official code's ignore index (HF uses -100)
 VISUAL_LOSSES = ("obj", "attr", "feat")
@@ -44,7 +44,7 @@ class Transform(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.LayerNorm(F.gelu(self.dense(x)))
+        return self.LayerNorm(gelu(self.dense(x)))
 
 
 class MaskedLMHead(nn.Module):
@@ -96,7 +96,7 @@ class AnswerHead(nn.Module):
         in_dim = in_dim or config.hidden_size
         hid = 2 * config.hidden_size
         self.logit_fc = nn.Sequential(
-            nn.Linear(in_dim, hid), nn.GELU(), nn.LayerNorm(hid, eps=config.layer_norm_eps),
+            nn.Linear(in_dim, hid), GELU(), nn.LayerNorm(hid, eps=config.layer_norm_eps),
             nn.Linear(hid, num_answers),
         )
 

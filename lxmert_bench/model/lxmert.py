@@ -18,8 +18,15 @@ from lxmert_bench.model.config import LxmertConfig
 
 
 def gelu(x: Tensor) -> Tensor:
-    """The exact erf GELU of the official code and BERT."""
+    """The exact erf GELU of the official code and BERT (the one activation of every part)."""
     return F.gelu(x)
+
+
+class GELU(nn.Module):
+    """:func:`gelu` as a module, for ``nn.Sequential`` heads (no parameters, no state)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +181,18 @@ class CrossModalityLayer(nn.Module):
         self.visn_inter = Intermediate(config)
         self.visn_output = AddNorm(config, config.intermediate_size)
 
+    def cross_attention_by_direction(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor,
+                                     visn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The paper's cross-attention as written: the language queries attend over the objects,
+        the objects over the language, both through the same module and from the layer's inputs.
+        The reference that the fused :meth:`cross_attention` equals (tests/test_model.py)."""
+        lang_x = self.visual_attention(lang, visn, visn_mask)
+        visn_x = self.visual_attention(visn, lang, lang_mask)
+        return lang_x, visn_x
+
     def cross_attention(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor,
                         visn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Both directions of the shared cross-attention in ONE call of the shared module.
+        """:meth:`cross_attention_by_direction` in ONE call of the shared module (what runs).
 
         Text and objects are concatenated ([B, L+O, H]); a block mask lets text queries attend
         only to objects and object queries only to text (plus each side's padding mask), so the
