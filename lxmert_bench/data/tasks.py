@@ -137,10 +137,14 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-class _QADataset(Dataset):
-    """VQA and GQA: one question about one image, a soft target over the task's answer table."""
+class _TaskDataset(Dataset):
+    """A fine-tuning task's splits: their JSON records, checked for the keys the loader uses, and
+    the images they read; records whose images have no features are left out."""
 
     task = ""
+    record = ""  # what one record is, as error messages name it
+    label_type: type = dict
+    image_keys: tuple[str, ...] = ("img_id",)
     _required: dict[str, type | tuple[type, ...]] = {}
 
     def __init__(self, root: str | Path, splits: Sequence[str], tokenizer: Any,
@@ -150,26 +154,35 @@ class _QADataset(Dataset):
             splits = splits.split(",")
         self.root, self.splits, self.tokenizer = Path(root), tuple(splits), tokenizer
         entries = [split_files(self.task, s) for s in self.splits]
-        self.ans2label, self.label2ans = load_task_answers(self.root, self.task)
         raw: list[dict[str, Any]] = []
         for entry in entries:
-            raw += load_split_json(entry.json_path(self.root), self._required,
-                                   f"{self.task.upper()} question")
+            raw += load_split_json(entry.json_path(self.root), self._required, self.record,
+                                   label_type=self.label_type)
         self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype, num_objects)
-        self.examples = [d for d in raw if d["img_id"] in self.images]
-        self.num_records = len(raw)  # examples whose images are missing are left out
+        self.examples = [d for d in raw if all(d[k] in self.images for k in self.image_keys)]
+        self.num_records = len(raw)
 
     @property
     def raw_examples(self) -> list[dict[str, Any]]:
         """The JSON records kept (raw labels for the metrics), in dataset order."""
         return self.examples
 
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+class _QADataset(_TaskDataset):
+    """VQA and GQA: one question about one image, a soft target over the task's answer table."""
+
+    def __init__(self, root: str | Path, splits: Sequence[str], tokenizer: Any,
+                 image_limit: int | None = None, feature_dtype: str = "float32",
+                 num_objects: int | None = None):
+        super().__init__(root, splits, tokenizer, image_limit, feature_dtype, num_objects)
+        self.ans2label, self.label2ans = load_task_answers(self.root, self.task)
+
     @property
     def num_answers(self) -> int:
         return len(self.label2ans)
-
-    def __len__(self) -> int:
-        return len(self.examples)
 
     def target(self, label: dict[str, float] | None) -> torch.Tensor:
         """Dense soft scores; answers outside the table cannot be predicted and are left out."""
@@ -200,7 +213,7 @@ class VQADataset(_QADataset):
     """``vqa/{split}.json``: {"question_id": int, "img_id", "sent", "label": {ans: score},
     "answer_type", "question_type"}; items carry ``answer_type`` for the per-type metrics."""
 
-    task = "vqa"
+    task, record = "vqa", "VQA question"
     _required = {"question_id": int, "img_id": str, "sent": str}
 
     def _extra(self, d: dict[str, Any]) -> dict[str, Any]:
@@ -210,38 +223,17 @@ class VQADataset(_QADataset):
 class GQADataset(_QADataset):
     """``gqa/{split}.json``: {"question_id": str, "img_id", "sent", "label": {ans: 1.0}}."""
 
-    task = "gqa"
+    task, record = "gqa", "GQA question"
     _required = {"question_id": str, "img_id": str, "sent": str}
 
 
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(_TaskDataset):
     """``nlvr2/{split}.json``: a statement about two images; items hold both images stacked
     (feats [2, 36, D], boxes [2, 36, 4]) and the 0/1 label (-1 where the JSON has none)."""
 
-    task = "nlvr2"
+    task, record, label_type = "nlvr2", "NLVR2 statement", int
+    image_keys = ("img0", "img1")
     _required = {"identifier": str, "img0": str, "img1": str, "sent": str}
-
-    def __init__(self, root: str | Path, splits: Sequence[str], tokenizer: Any,
-                 image_limit: int | None = None, feature_dtype: str = "float32",
-                 num_objects: int | None = None):
-        if isinstance(splits, str):
-            splits = splits.split(",")
-        self.root, self.splits, self.tokenizer = Path(root), tuple(splits), tokenizer
-        entries = [split_files(self.task, s) for s in self.splits]
-        raw: list[dict[str, Any]] = []
-        for entry in entries:
-            raw += load_split_json(entry.json_path(self.root), self._required, "NLVR2 statement",
-                                   label_type=int)
-        self.images = ImageFeatures(self.root, entries, image_limit, feature_dtype, num_objects)
-        self.examples = [d for d in raw if d["img0"] in self.images and d["img1"] in self.images]
-        self.num_records = len(raw)
-
-    @property
-    def raw_examples(self) -> list[dict[str, Any]]:
-        return self.examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         d = self.examples[i]
