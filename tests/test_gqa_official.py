@@ -253,6 +253,37 @@ def test_fine_tuning_evaluation_uses_the_official_files(synthetic, tmp_path):
         "not computed: no official gqa/questions/testdev_balanced_questions.json under data.root")
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_gqa_fine_tuning_stage_records_the_official_metrics(synthetic, tmp_path):
+    from dataclasses import replace
+
+    from lxmert_bench.config import TASK_DEFAULTS, DataConfig, OptimConfig, RunConfig
+    from lxmert_bench.model import LxmertConfig
+    from lxmert_bench.store import RunDir
+    from lxmert_bench.train.stages import run_stage
+
+    ft = replace(TASK_DEFAULTS["gqa"], optim=OptimConfig(batch_size=16, epochs=1, max_steps=2))
+    data = DataConfig(root=str(synthetic), synthetic=True, synthetic_images=120,
+                      fingerprint="synthetic-test")
+    cfg = RunConfig(kind="finetune", seed=0, model=LxmertConfig.preset("test"), data=data,
+                    finetune=ft, log_every=1, checkpoint_every=100, device="cpu",
+                    code_version="test")
+    rd = RunDir(tmp_path, cfg.stage_id)
+    rd.write_config(cfg)
+    result = run_stage(rd)
+    metrics = result["metrics"]
+    assert {"accuracy", "binary", "open", "consistency", "validity", "plausibility",
+            "distribution", "structural/query", "semantic/rel"} <= set(metrics)
+    # the official metrics of the kept (best) predictions, recomputed from the written files
+    rows = json.loads((rd.path / result["predictions"]["dev"]).read_text())
+    predictions = {r["questionId"]: r["prediction"] for r in rows}
+    files = load_gqa_eval_files(synthetic, "testdev")
+    assert files is not None
+    # (the local accuracy equals the official one: the files hold the same questions and answers)
+    assert metrics == pytest.approx(gqa_official_metrics(predictions, files.questions, files.choices))
+    assert result["metric_notes"]["gqa binary/open"] == "by structural type (official eval.py)"
+
+
 def test_plan_refuses_malformed_or_mismatched_official_files(synthetic, tmp_path, capsys):
     from lxmert_bench.cli import main
 
