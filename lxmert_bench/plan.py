@@ -270,15 +270,45 @@ def plan_notes(plan: Plan) -> list[str]:
             if (p.enabled and p.visual_losses and "pretrain.visual_loss_weight" not in s
                     and p.obj_mask_rate != PretrainConfig.obj_mask_rate):
                 rates.setdefault(p.obj_mask_rate, []).append(v.name)
+        inert: dict[tuple[str, str], list[str]] = {}
+        for v in spec.variants:
+            for key, why in inert_settings(spec.settings(v)):
+                inert.setdefault((key, why), []).append(v.name)
+        for (key, why), names in inert.items():
+            notes.append(f"{spec.name}: {key} has no effect in {_some(names)} ({why}), but it is "
+                         "part of the pretraining's identity: set it only where it applies, or "
+                         "such variants train the same pretraining twice")
         for rate, names in rates.items():
-            shown = ", ".join(repr(n) for n in names[:3]) + (
-                f" and {len(names) - 3} more" if len(names) > 3 else "")
             notes.append(
-                f"{spec.name}: pretrain.obj_mask_rate is {rate:g} in {shown}, and "
+                f"{spec.name}: pretrain.obj_mask_rate is {rate:g} in {_some(names)}, and "
                 f"pretrain.visual_loss_weight stays the official constant 1/0.15 "
                 f"({PretrainConfig.visual_loss_weight:.4g}), as the official code keeps it whatever "
                 "the rate; set pretrain.visual_loss_weight to scale it (e.g. 1/rate)")
     return notes
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:3]) + (
+        f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def inert_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, why) for each pretraining key a variant sets that its pretraining never reads: such
+    a key still enters the stage's hash (it always has), so it makes a second, identical stage."""
+    p = apply(PretrainConfig(), _split(settings, "pretrain."))
+    if not p.enabled:
+        return []  # no pretraining stage: nothing is hashed
+    visual = set(p.visual_losses)
+    rules = (
+        ("pretrain.bert_layers", p.init != "bert", "pretrain.init is not bert"),
+        ("pretrain.bert_checkpoint", p.init != "bert", "pretrain.init is not bert"),
+        ("pretrain.qa_start", not p.qa, "pretrain.qa is off"),
+        ("pretrain.qa_weight", not p.qa, "pretrain.qa is off"),
+        ("pretrain.feat_loss", "feat" not in visual, "no feat loss"),
+        ("pretrain.label_targets", not visual & {"obj", "attr"}, "no obj or attr loss"),
+        ("pretrain.visual_loss_weight", not visual, "no visual loss"),
+    )
+    return [(key, why) for key, inert, why in rules if inert and key in settings]
 
 
 def check_data(plan: Plan) -> list[str]:

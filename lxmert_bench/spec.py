@@ -175,7 +175,8 @@ def _build_schema() -> dict[str, Any]:
             schema[key] = tp
             for task in TASKS:
                 schema[key.replace("finetune.", f"finetune.{task}.", 1)] = tp
-    for k in ("log_every", "checkpoint_every", "eval_every_epoch", "device", "precision"):
+    for k in ("log_every", "checkpoint_every", "eval_every_epoch", "device", "precision", "compile",
+              "tf32"):
         schema[f"run.{k}"] = fields[k][0]
     return schema
 
@@ -662,7 +663,7 @@ def _check_consistency(spec: Spec, where: _Where, problems: list[str]) -> None:
     """Cross-key checks that only make sense once every layer is applied."""
     for v in spec.variants:
         s = spec.settings(v)
-        loc = where("variants", v.name)
+        loc = where("variants", v.group or v.name)  # a cell of the axes: its declared variant
         preset = s.get("model.preset", "base")
         model = PRESETS.get(preset, LxmertConfig())
         hidden = s.get("model.hidden_size", model.hidden_size)
@@ -676,3 +677,9 @@ def _check_consistency(spec: Spec, where: _Where, problems: list[str]) -> None:
             if task == "nlvr2" and loss != "ce":
                 problems.append(f"{loc}: variant {v.name!r}: finetune.nlvr2.loss must be 'ce' "
                                 f"(NLVR2 is 2-way classification), got {loss!r}")
+            augment = s.get(f"finetune.{task}.data_augmentation",
+                            s.get("finetune.data_augmentation", ft.data_augmentation))
+            if task == "nlvr2" and augment:
+                problems.append(f"{loc}: variant {v.name!r}: finetune.nlvr2.data_augmentation: only "
+                                "VQA and GQA take the other sources' questions; set "
+                                "finetune.vqa.data_augmentation / finetune.gqa.data_augmentation")

@@ -122,10 +122,24 @@ def test_every_identity_key_has_a_witness():
         f"declared but not identity keys: {sorted(declared - set(IDENTITY_KEYS))}")
 
 
+# Why each provenance key cannot change results (a new one says so here).
+PROVENANCE_REASONS = {
+    "data.root": "where the files are; their fingerprint is hashed",
+    "data.num_workers": "examples are functions of their coordinates, whichever process builds them",
+    "log_every": "how often the log is written",
+    "device": "where it runs (the precision, which can change numbers, is hashed)",
+    # these two change numbers within rounding on CUDA (as precision does, which is hashed)
+    "compile": "torch.compile of the same model and step (train/loop.py)",
+    "tf32": "TF32 tensor cores for fp32 matmuls on CUDA",
+    **{f"{s}.optim.micro_batch_size": "gradient accumulation: the same update as the whole batch "
+       "(tests/test_train_accumulation.py)" for s in ("bert", "pretrain", "finetune")},
+}
+
+
 def test_provenance_keys_are_the_ones_that_cannot_change_results():
-    assert PROVENANCE_KEYS == sorted([
-        "data.root", "data.num_workers", "log_every", "device", "bert.optim.micro_batch_size",
-        "pretrain.optim.micro_batch_size", "finetune.optim.micro_batch_size"])
+    assert set(PROVENANCE_KEYS) <= set(PROVENANCE_REASONS), \
+        f"provenance keys without a reason: {sorted(set(PROVENANCE_KEYS) - set(PROVENANCE_REASONS))}"
+    assert {"data.root", "data.num_workers", "log_every", "device"} <= set(PROVENANCE_KEYS)
 
 
 def test_referenced_tests_exist():
@@ -363,3 +377,43 @@ def test_provenance_keys_change_no_hash(key, root):
     value = {"log_every": 3, "device": "cpu", "data.num_workers": 2, "data.root": "/elsewhere"}[key]
     changed = apply(base, {key: value})
     assert changed.content_hash() == base.content_hash() and changed.to_dict() != base.to_dict()
+
+
+# key set where it has no effect -> (the context, another value)
+INERT = {
+    "pretrain.qa_start": ({"pretrain.qa": False}, 0.5),
+    "pretrain.qa_weight": ({"pretrain.qa": False}, 2.0),
+    "pretrain.feat_loss": ({"pretrain.visual_losses": ("obj", "attr")}, "l2"),
+    "pretrain.visual_loss_weight": ({"pretrain.visual_losses": ()}, 1.0),
+}
+
+
+@pytest.mark.parametrize("key", sorted(INERT))
+def test_a_key_without_effect_in_its_variant_is_noted_by_plan(key, root, tmp_path, one_thread):
+    """Such a key still makes its own pretraining (its hash differs) for the same computation;
+    plan says so."""
+    from lxmert_bench.plan import inert_settings, plan_notes
+
+    context, value = INERT[key]
+    base = base_config(key, root, context)
+    changed = changed_config(base, key, value, root)
+    assert changed.content_hash() != base.content_hash()
+    for see in (w_model, w_pretrain_examples):
+        assert see(changed, tmp_path / "b") == see(base, tmp_path / "a"), see.__name__
+    assert [k for k, _ in inert_settings({**context, key: value})] == [key]
+    assert inert_settings({key: value}) == []  # where it applies, nothing to say
+    overrides = ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}"
+                          for k, v in {**context, key: value}.items())
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: s\ntasks: [vqa]\nvariants:\n  A: {{{overrides}}}\n")
+    notes = plan_notes(make_plan(load_spec(spec, "test"), tmp_path / "wd"))
+    assert any(f"{key} has no effect in 'A'" in n for n in notes), notes
+
+
+def test_data_augmentation_for_nlvr2_is_refused(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ntasks: [vqa, nlvr2]\nvariants:\n  A: {finetune.data_augmentation: true}\n")
+    with pytest.raises(SpecError, match=r"s.yaml:4: variant 'A': finetune.nlvr2.data_augmentation"):
+        load_spec(spec, "test")
+    spec.write_text("name: s\ntasks: [vqa, nlvr2]\nvariants:\n  A: {finetune.vqa.data_augmentation: true}\n")
+    assert load_spec(spec, "test").variants[0].name == "A"
