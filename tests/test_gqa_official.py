@@ -312,6 +312,15 @@ def test_plan_refuses_malformed_or_mismatched_official_files(synthetic, tmp_path
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{questions}: holds {len(raw) - 1} questions" in err and repr(dropped) in err
+    # an answer that differs from the split JSON's label is no reason to refuse: the official
+    # metrics use the file's answers, and the notes count them
+    raw[dropped]["answer"] = "purple"
+    questions.write_text(json.dumps(raw))
+    assert main(args) == 0
+    from lxmert_bench.train.finetune import metric_notes
+
+    assert "(1 of whose answers differ from the split JSON's labels)" in metric_notes(
+        "gqa", _dev(root))["metric_notes"]["gqa official metrics"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -353,6 +353,10 @@ def metric_notes(task: str, dev_data: Any) -> dict[str, Any]:
                else f"validity / plausibility not computed (no {files.choices_path.name})")
     subset = (f" over {len(questions)} of its {len(files.questions)} questions (the others' "
               "images are not loaded)" if len(questions) < len(files.questions) else "")
+    differ = sum(1 for d in dev_data.raw_examples
+                 if questions[str(d["question_id"])].answer not in (d.get("label") or {}))
+    if differ:  # the official metrics use the file's answers, accuracy the split JSON's labels
+        subset += f" ({differ} of whose answers differ from the split JSON's labels)"
     return {"metric_notes": {
         "gqa binary/open": M.gqa_binary_rule({}),
         "gqa official metrics": (
