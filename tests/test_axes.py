@@ -191,7 +191,7 @@ def test_a_table_per_axis_in_the_report(tmp_path):
     [(title, table)] = axis_tables(Summary(frame), rspec).items()
     assert title == "Per axis: obj_mask_rate"
     lines = table.splitlines()
-    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+    assert [c.strip().replace("\\_", "_") for c in lines[0].strip("|").split("|")] == [
         "Variant", "VQA obj_mask_rate=0.1", "VQA obj_mask_rate=0.15", "VQA obj_mask_rate=0.3"]
     feat = [c.strip() for c in lines[2].strip("|").split("|")]
     assert feat == ["Feat", "60.00 (n=1)", "**62.00** (n=1)", "61.00 (n=1)"]
