@@ -643,6 +643,9 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"into {args.hf}")
     for f in done["files"]:
         print(f"  {f}")
+    if done["architecture"] == "LxmertForQuestionAnswering" and not done["id2label"]:
+        _note("the answer table under the run's data.root was not readable (or does not match the "
+              "head): config.json has transformers' default labels LABEL_0...")
     return EXIT_OK
 
 

@@ -245,3 +245,18 @@ def test_the_report_lists_the_leaderboard_files(finished, tmp_path):
             assert str(runs[task].path / "predictions" / name) in section, name
     assert "NLVR2 Test-U" in section and "absent" not in section
     assert "accuracy" in section  # GQA testdev and NLVR2 Test-P have released answers
+
+
+@pytest.mark.slow
+def test_export_without_the_answer_table_says_so(finished, tmp_path, capsys):
+    _, _, runs = finished
+    root = Path(runs["gqa"].read_config().data.root)
+    table = root / "gqa" / "trainval_label2ans.json"
+    table.rename(table.with_suffix(".away"))
+    try:
+        assert main(["export", str(runs["gqa"].path), "--hf", str(tmp_path / "gqa")]) == 0
+    finally:
+        table.with_suffix(".away").rename(table)
+    assert "default labels" in capsys.readouterr().err
+    config = json.loads((tmp_path / "gqa" / "config.json").read_text())
+    assert "id2label" not in config and config["architectures"] == ["LxmertForQuestionAnswering"]
