@@ -41,10 +41,10 @@ def _choices(valid: list[str], plausible: list[str]) -> GQAChoices:
 
 
 QUESTIONS = {
-    # q1 right; entails itself (skipped) and q2 (right): consistency 1
-    "q1": Q("yes", "verify", "obj", "existC", ("q1", "q2")),
-    # q2 right; entails the unbalanced q6 (wrong): consistency 0
-    "q2": Q("red", "query", "attr", "queryAttr", ("q6",), "color"),
+    # q1 right; entails itself (skipped) and q3 (wrong): consistency 0
+    "q1": Q("yes", "verify", "obj", "existC", ("q1", "q3")),
+    # q2 right; entails the unbalanced q6 (wrong) and q7 (right): consistency 1/2
+    "q2": Q("red", "query", "attr", "queryAttr", ("q6", "q7"), "color"),
     # q3 a choose question: binary although its answer is not yes/no; wrong, invalid
     "q3": Q("left", "choose", "rel", "chooseRel", ("q1",)),
     # q4 wrong, not a valid answer, its entailed id "zz" is not in the file
@@ -53,7 +53,8 @@ QUESTIONS = {
     "q5": Q("color", "compare", "attr", "twoCommon"),
     # q6 not balanced: not scored, not in the distribution, but an entailed question
     "q6": Q("dog", "query", "obj", "queryObject", (), "animal", balanced=False),
-    "q7": Q("cat", "query", "cat", "queryObject", (), "animal"),
+    # q7 right; its only entailed id is not in the file: not counted
+    "q7": Q("cat", "query", "cat", "queryObject", ("zz",), "animal"),
 }
 PREDICTIONS = {"q1": "yes", "q2": "red", "q3": "under", "q4": "pink", "q5": "material",
                "q6": "cat", "q7": "cat"}
@@ -76,7 +77,7 @@ def test_official_metrics_worked_out_by_hand():
         "accuracy": 100 * 3 / 6,
         "binary": 100 * 1 / 3,  # q1 q3 q5
         "open": 100 * 2 / 3,  # q2 q4 q7
-        "consistency": 100 * (1.0 + 0.0) / 2,  # q1 and q2 (right, with entailed questions)
+        "consistency": 100 * (0.0 + 0.5) / 2,  # q1 and q2 (right, with entailed questions)
         "validity": 100 * 4 / 6,  # q3 "under" and q4 "pink" are not valid; q5 by the special case
         "plausibility": 100 * 3 / 6,  # q2, q5 ("material": common), q7
         "distribution": (1 * 2 + 0 * 1) / 3 / 100,
