@@ -672,7 +672,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         try:
             done = predict_finished(run)
-        except (StageBusy, FileNotFoundError) as e:
+        except (StageBusy, OSError, ValueError) as e:  # a busy stage, a missing or unreadable file
             print(f"  {e}")
             missed += 1
             continue

@@ -165,6 +165,16 @@ def test_a_test_split_without_its_files_is_named_absent_not_an_error(finished, c
     assert f"test2: absent (NLVR2 Test-U (official metrics.py): missing {root / 'nlvr2' / 'test2.json'})" in out
     manifest = json.loads((runs["nlvr2"].predictions_dir / "test_predictions.json").read_text())
     assert set(manifest["splits"]) == {"test"} and set(manifest["absent"]) == {"test2"}
+    # a malformed optional file is named too, and fails nothing
+    path = root / "nlvr2" / "test2.json"
+    good = path.read_bytes()
+    path.write_bytes(b'[{"identifier": ')
+    try:
+        assert main(["predict", str(spec), "--workdir", str(wd), "--only", "task=nlvr2"]) == 0
+    finally:
+        path.write_bytes(good)
+    out = capsys.readouterr().out
+    assert f"test2: absent (NLVR2 Test-U (official metrics.py): not predicted ({path}:1:" in out
 
 
 @pytest.mark.slow
