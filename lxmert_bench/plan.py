@@ -272,7 +272,7 @@ def plan_notes(plan: Plan) -> list[str]:
                 rates.setdefault(p.obj_mask_rate, []).append(v.name)
         inert: dict[tuple[str, str], list[str]] = {}
         for v in spec.variants:
-            for key, why in inert_settings(spec.settings(v)):
+            for key, why in inert_settings(spec.settings(v), spec.tasks):
                 inert.setdefault((key, why), []).append(v.name)
         for (key, why), names in inert.items():
             notes.append(f"{spec.name}: {key} has no effect in {_some(names)} ({why}), but it is "
@@ -292,14 +292,14 @@ def _some(names: list[str]) -> str:
         f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def inert_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, why) for each pretraining key a variant sets that its pretraining never reads: such
-    a key still enters the stage's hash (it always has), so it makes a second, identical stage."""
+def inert_settings(settings: dict[str, Any], tasks: tuple[str, ...] = ()
+                   ) -> list[tuple[str, str]]:
+    """(key, why) for each key a variant sets that its stage never reads: such a key still
+    enters the stage's hash (it always has), so it makes a second, identical stage. Fine-tuning
+    keys are checked for ``tasks``, as ``finetune.<key>`` (every task) or ``finetune.<task>.<key>``."""
     p = apply(PretrainConfig(), _split(settings, "pretrain."))
-    if not p.enabled:
-        return []  # no pretraining stage: nothing is hashed
     visual = set(p.visual_losses)
-    rules = (
+    rules = [
         ("pretrain.bert_layers", p.init != "bert", "pretrain.init is not bert"),
         ("pretrain.bert_checkpoint", p.init != "bert", "pretrain.init is not bert"),
         ("pretrain.qa_start", not p.qa, "pretrain.qa is off"),
@@ -307,8 +307,23 @@ def inert_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
         ("pretrain.feat_loss", "feat" not in visual, "no feat loss"),
         ("pretrain.label_targets", not visual & {"obj", "attr"}, "no obj or attr loss"),
         ("pretrain.visual_loss_weight", not visual, "no visual loss"),
-    )
-    return [(key, why) for key, inert, why in rules if inert and key in settings]
+    ] if p.enabled else []  # no pretraining stage: none of its keys is hashed
+    found = [(key, why) for key, inert, why in rules if inert and key in settings]
+    for task in tasks:
+        ft = _finetune_config(settings, task)
+        ft_rules = (
+            ("load_qa_head", task == "nlvr2" and ft.load_qa_head, "NLVR² has no QA head"),
+            ("init_checkpoint", p.enabled and ft.init_checkpoint is not None,
+             "fine-tuning starts from the pretraining"),
+            ("bert_layers", p.enabled or (p.init != "bert" and ft.init_checkpoint is None),
+             "no BERT weights are loaded into the fine-tuning"),
+        )
+        for name, inert, why in ft_rules:
+            key = next((k for k in (f"finetune.{task}.{name}", f"finetune.{name}") if k in settings),
+                       None)
+            if inert and key and (key, why) not in found:
+                found.append((key, why))
+    return found
 
 
 def check_data(plan: Plan) -> list[str]:

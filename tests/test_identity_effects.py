@@ -417,3 +417,21 @@ def test_data_augmentation_for_nlvr2_is_refused(tmp_path):
         load_spec(spec, "test")
     spec.write_text("name: s\ntasks: [vqa, nlvr2]\nvariants:\n  A: {finetune.vqa.data_augmentation: true}\n")
     assert load_spec(spec, "test").variants[0].name == "A"
+
+
+@pytest.mark.parametrize("setting,why", [
+    ({"finetune.init_checkpoint": "x.pt"}, "fine-tuning starts from the pretraining"),
+    ({"finetune.bert_layers": "top"}, "no BERT weights are loaded into the fine-tuning"),
+    ({"finetune.load_qa_head": True}, "NLVR² has no QA head"),
+])
+def test_plan_notes_fine_tuning_keys_without_effect(setting, why, tmp_path):
+    from lxmert_bench.plan import inert_settings, plan_notes
+
+    [(key, value)] = setting.items()
+    assert inert_settings(setting, ("nlvr2",)) == [(key, why)]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: s\ntasks: [nlvr2]\nvariants:\n  A: {{{key}: {value}}}\n  B: {{}}\n")
+    plan = make_plan(load_spec(spec, "test"), tmp_path / "wd")
+    finetunes = {e.variant: e.finetune for e in plan.entries}
+    assert finetunes["A"] != finetunes["B"]  # a stage of its own, for the same computation
+    assert any(f"{key} has no effect in 'A' ({why})" in n for n in plan_notes(plan))
