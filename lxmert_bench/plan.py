@@ -276,8 +276,8 @@ def plan_notes(plan: Plan) -> list[str]:
                 inert.setdefault((key, why), []).append(v.name)
         for (key, why), names in inert.items():
             notes.append(f"{spec.name}: {key} has no effect in {_some(names)} ({why}), but it is "
-                         "part of the pretraining's identity: set it only where it applies, or "
-                         "such variants train the same pretraining twice")
+                         "part of the stage's identity: set it only where it applies, or such "
+                         "variants train the same stage twice")
         for rate, names in rates.items():
             notes.append(
                 f"{spec.name}: pretrain.obj_mask_rate is {rate:g} in {_some(names)}, and "
