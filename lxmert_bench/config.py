@@ -114,7 +114,7 @@ class DataConfig:
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the memory-mapped store
     max_seq_length: int = 20
     image_limit: int | None = None  # like the official --tiny / --fast: first N images per split
-    num_workers: int = provenance(0)
+    num_workers: int | None = provenance(None)  # DataLoader workers; None: 4 on CUDA, 0 on a CPU
     fingerprint: str = ""  # filled in by the planner
 
 
@@ -255,6 +255,11 @@ class RunConfig:
     eval_every_epoch: bool = True
     device: str = provenance("auto")  # auto: cuda if available
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # torch.compile of the training step: auto = "default" on CUDA, "none" on a CPU (there the
+    # compile takes minutes and the step is not faster: README, Performance). Also "reduce-overhead"
+    # (CUDA graphs) and "max-autotune". The same results within rounding: provenance.
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = provenance("auto")
+    tf32: bool = provenance(True)  # CUDA: TF32 tensor cores for fp32 matmuls (not bf16 autocast's)
     code_version: str = ""  # filled in by the planner
 
     # --- serialisation -------------------------------------------------------------------------

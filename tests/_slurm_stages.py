@@ -212,5 +212,5 @@ def assert_same_weights(a: RunDir, b: RunDir) -> None:
 
 
 def log_without_timing(run: RunDir) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s")}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s", "data_wait_s")}
             for line in run.log_path.read_text().splitlines()]

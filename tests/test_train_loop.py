@@ -90,7 +90,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 def strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s", "data_wait_s")} for r in records]
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
@@ -123,7 +123,8 @@ def test_train_logs_evaluates_and_checkpoints(tmp_path, capsys):
     train_lines = [r for r in log if "loss" in r]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12, 14, 15]
     assert set(train_lines[0]) == {"step", "total_steps", "epoch", "lr", "loss", "losses",
-                                   "samples_per_s", "time"}
+                                   "samples_per_s", "time", "data_wait_s"}
+    assert all(0 <= r["data_wait_s"] < 1 for r in train_lines)
     assert set(train_lines[0]["losses"]) == {"mse", "l1"}
     evals = [r for r in log if r.get("split") == "valid"]
     assert [(r["step"], r["epoch"]) for r in evals] == [(5, 1), (10, 2), (15, 3)]

@@ -49,7 +49,7 @@ def strip_timing(path: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        out.append({k: v for k, v in rec.items() if k not in ("time", "samples_per_s")})
+        out.append({k: v for k, v in rec.items() if k not in ("time", "samples_per_s", "data_wait_s")})
     return out
 
 

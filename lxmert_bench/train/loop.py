@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,7 +239,7 @@ class LoopSettings:
     checkpoint_every: int = 1000
     device: str = "auto"
     precision: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = 0  # None: loader_workers' default for the device
     select_metric: str | None = None  # eval metric deciding "best"
     select_mode: str = "max"  # "max" (accuracy) or "min" (loss)
     eval_split: str = "valid"  # name in the log lines
@@ -245,6 +247,9 @@ class LoopSettings:
     find_unused_parameters: bool = False  # DDP: heads that some steps do not use
     desc: str = "train"
     stop_check_every: int = 10  # DDP: steps between the ranks' agreements on a stop request
+    compile: str = "none"  # torch.compile mode of the training forward ("auto": see compile_mode)
+    tf32: bool = True  # CUDA: TF32 for fp32 matmuls
+    pin_memory: bool | None = None  # None: on CUDA
 
     @classmethod
     def from_run(cls, config: RunConfig, run_dir: RunDir, optim: OptimConfig,
@@ -257,8 +262,34 @@ class LoopSettings:
             checkpoint_every=config.checkpoint_every, device=config.device,
             precision=config.precision, num_workers=config.data.num_workers,
             eval_every_epoch=config.eval_every_epoch, desc=f"{config.kind} {config.content_hash()}",
+            compile=config.compile, tf32=config.tf32,
         )
         return cls(**{**base, **stage})
+
+
+# DataLoader workers per process on CUDA when data.num_workers is not set: the base pretraining
+# batch needs ~2 ms of CPU per example (README, Performance: 4 workers give ~2,000 examples/s on
+# the memory-mapped store, above what one GPU consumes eagerly).
+DEFAULT_CUDA_WORKERS = 4
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """Worker processes building batches: as set, else DEFAULT_CUDA_WORKERS on CUDA and none on
+    a CPU (there they would compete with the step for the same cores)."""
+    if num_workers is not None:
+        return num_workers
+    return min(DEFAULT_CUDA_WORKERS, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def compile_mode(setting: str, device: torch.device) -> str | None:
+    """``run.compile``: 'auto' is 'default' on CUDA and off on a CPU (there the compile takes
+    minutes and the compiled step is not faster: README, Performance); None: eager."""
+    if setting == "auto":
+        setting = "default" if device.type == "cuda" else "none"
+    if setting not in COMPILE_MODES:
+        raise ValueError(f"run.compile: expected 'auto' or one of {list(COMPILE_MODES)}, got {setting!r}")
+    return None if setting == "none" else setting
 
 
 def start_stage(config: RunConfig, info: DistInfo) -> tuple[torch.device, str]:
@@ -289,6 +320,9 @@ class TrainSummary:
     device: str
     precision: str
     world_size: int
+    # how it ran, where that does not change the result: compile mode (and recompiles, a
+    # fallback's cause), micro-batch size, TF32, loader workers
+    execution: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples_per_s(self) -> float:
@@ -319,6 +353,7 @@ class _State:
     log_acc_steps: int = 0
     log_acc_samples: int = 0
     log_acc_s: float = 0.0
+    log_acc_wait_s: float = 0.0  # waiting for data
     done: bool = False
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -364,6 +399,96 @@ class _Progress:
             self.bar.close()
 
 
+class _LossSums:
+    """The loss values of the steps since the last check, kept on the device (no host sync per
+    step); ``fold_into`` checks them in one transfer, stops on a non-finite one naming its step,
+    and adds them to the log sums in step order (the sums a per-step ``.item()`` would give)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, int, float, list[str], torch.Tensor]] = []
+
+    def add(self, step: int, epoch: int, lr: float, names: list[str], values: torch.Tensor) -> None:
+        self.pending.append((step, epoch, lr, names, values))
+
+    def fold_into(self, state: _State) -> None:
+        if not self.pending:
+            return
+        host = torch.cat([v for *_, v in self.pending]).cpu().tolist()  # the one sync
+        pending, self.pending = self.pending, []
+        at = 0
+        rows = []
+        for step, epoch, lr, names, _values in pending:
+            rows.append((step, epoch, lr, dict(zip(names, host[at:at + len(names)]))))
+            at += len(names)
+        for step, epoch, lr, named in rows:  # the first non-finite step, before any is summed
+            if not all(math.isfinite(v) for v in named.values()):
+                bad = [n for n, v in named.items() if not math.isfinite(v)]
+                detail = ", ".join(f"{n}={v}" for n, v in named.items())
+                raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch + 1}, "
+                                    f"lr {lr:.3e}): {', '.join(bad)} ({detail}); stopping",
+                                    step=step, losses=named)
+        for *_, named in rows:
+            for n, v in named.items():
+                state.log_acc[n] = state.log_acc.get(n, 0.0) + v
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class _Compiled:
+    """The training forward under ``torch.compile`` (``mode``; None: eager): graphs compiled after
+    the first step count as recompiles (warned and logged), and a compile failure falls back to
+    eager with a warning naming the cause; that step is redone from the same RNG states."""
+
+    def __init__(self, module: nn.Module, mode: str | None, device: torch.device,
+                 progress: _Progress, desc: str):
+        self.eager = self.module = module
+        self.mode, self.device, self.progress, self.desc = mode, device, progress, desc
+        self.failed: str | None = None
+        self.recompiles = 0
+        self.proven = False  # a compiled step has run
+        if mode:
+            try:
+                self.module = torch.compile(module, mode=None if mode == "default" else mode,
+                                            dynamic=False)
+            except Exception as e:  # noqa: BLE001 - any cause: training goes on eagerly
+                self._fall_back(e)
+
+    def run(self, work: Callable[[nn.Module], Any], optimizer: torch.optim.Optimizer) -> Any:
+        """``work(module)``: the step's forward and backward passes."""
+        if self.module is self.eager:
+            return work(self.eager)
+        rngs = None if self.proven else rng_state(self.device)
+        before = _graphs_compiled()
+        try:
+            out = work(self.module)
+        except Exception as e:  # noqa: BLE001 - a real error in the step fails eagerly too
+            self._fall_back(e)
+            if rngs is not None:
+                set_rng_state(rngs, self.device)
+            optimizer.zero_grad(set_to_none=True)
+            return work(self.eager)
+        if self.proven and _graphs_compiled() > before:
+            self.recompiles += 1
+            self.progress.write(f"[{self.desc}] torch.compile recompiled the training step "
+                                f"({self.recompiles} recompile(s)): shapes or guards changed")
+        self.proven = True
+        return out
+
+    def _fall_back(self, e: Exception) -> None:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        self.failed = f"{type(e).__name__}: {first}"
+        self.module = self.eager
+        warnings.warn(f"[{self.desc}] torch.compile (mode {self.mode}) failed, training eagerly: "
+                      f"{self.failed}", RuntimeWarning, stacklevel=2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode or "none", "recompiles": self.recompiles, "failed": self.failed}
+
+
 def train(
     model: nn.Module,
     data: TrainData,
@@ -391,8 +516,8 @@ def train(
 
 
 class _Trainer:
-    """One training run; ``run()`` reads top-down: epochs of steps, each epoch ended by
-    ``end_epoch``."""
+    """One training run; ``run()`` reads top-down: epochs of steps, each followed by
+    ``after_step`` (log, stop, checkpoint) and each epoch by ``end_epoch``."""
 
     def __init__(self, model: nn.Module, data: TrainData, step_fn: StepFn, settings: LoopSettings,
                  evaluate: EvalFn | None, on_best: BestFn | None, info: DistInfo,
@@ -412,6 +537,9 @@ class _Trainer:
         self.total_steps = min(planned, optim.max_steps) if optim.max_steps else planned
         if self.total_steps <= 0:
             raise ValueError(f"nothing to train: epochs={optim.epochs}, max_steps={optim.max_steps}")
+        if self.device.type == "cuda":  # fp32 matmuls on TF32 tensor cores (bf16 autocast aside)
+            torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+            torch.backends.cudnn.allow_tf32 = settings.tf32
         model.to(self.device)
         self.optimizer, self.schedule = build_optimizer(model.parameters(), optim, self.total_steps)
         self.last_path = settings.checkpoint_dir / "last.pt"
@@ -424,6 +552,12 @@ class _Trainer:
             )
         self.progress = _Progress(self.total_steps, self.state.global_step, settings.desc,
                                   info.is_main)
+        mode = compile_mode(settings.compile, self.device)
+        if mode and hasattr(model, "sparse_mlm"):
+            model.sparse_mlm = False  # the MLM decoder on every word: static shapes, same loss
+        self.compiled = _Compiled(self.train_model, mode, self.device, self.progress, settings.desc)
+        self.losses = _LossSums()
+        self.lr, self.data_wait = 0.0, 0.0
 
     # --- the run ------------------------------------------------------------------------------
     def run(self) -> TrainSummary:
@@ -440,53 +574,36 @@ class _Trainer:
         return self._summary()
 
     def _epoch_batches(self) -> Iterator[tuple[dict[str, Any], int]]:
-        """This rank's share of each global batch left in the epoch, with the global size."""
+        """This rank's share of each global batch left in the epoch, on the device, with the
+        global size; ``data_wait``: the seconds the step waited for it."""
         state, s = self.state, self.settings
         batches = epoch_batches(len(self.data), s.optim.batch_size, s.seed, state.epoch)
         todo = batches[state.step_in_epoch:]
-        local = iterate_batches(self.data, [shard(b, self.info) for b in todo], state.epoch, s.seed,
-                                TRAIN_STREAM, s.num_workers, self.device.type == "cuda")
+        on_cuda = self.device.type == "cuda"
+        local = iter(iterate_batches(
+            self.data, [shard(b, self.info) for b in todo], state.epoch, s.seed, TRAIN_STREAM,
+            loader_workers(s.num_workers, self.device),
+            on_cuda if s.pin_memory is None else s.pin_memory))
         self.tick = time.perf_counter()
-        yield from zip(local, [len(b) for b in todo])
+        for b in todo:
+            t0 = time.perf_counter()
+            batch = to_device(next(local), self.device)
+            self.data_wait = time.perf_counter() - t0
+            yield batch, len(b)
 
     def step(self, batch: dict[str, Any], global_n: int) -> None:
         """One update on this rank's share of a global batch of ``global_n`` examples, in
-        micro-batches when ``optim.micro_batch_size`` asks for them."""
-        state, info = self.state, self.info
-        batch = to_device(batch, self.device)
-        local_n = batch_size_of(batch)
-        micros = split_batch(batch, self.micro_batch_size or local_n)
-        micro_ns = [batch_size_of(m) for m in micros]
-        denominators: list[Any] = [None] * len(micros)
-        if self.label_counts is not None:
-            found = global_label_denominators(self.label_counts(batch), local_n, micro_ns, info)
-            denominators = found or denominators
-        lr = self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        values: torch.Tensor | None = None
-        for i, (micro, micro_n, denom) in enumerate(zip(micros, micro_ns, denominators)):
-            share = micro_n / global_n
-            extra = () if self.label_counts is None else (denom,)
-            last = i == len(micros) - 1
-            # DDP all-reduces the gradients on the last micro-step only
-            with self._sync_gradients(last), autocast(self.device, self.precision):
-                out = self.step_fn(self.train_model, micro, state.epoch, *extra)
-                loss = out["loss"]
-                names = sorted(out.get("losses", {}))
-                # global means of the loss values: each micro-batch's mean weighted by its share
-                part = torch.stack([loss.detach().float()]
-                                   + [out["losses"][k].detach().float() for k in names]) * share
-                values = part if values is None else values + part
-                # DDP averages gradients over ranks; scaling by share*world makes that the
-                # gradient of the global-batch mean even when shards differ in size
-                (loss * (share * info.world_size)).backward()
-        assert values is not None
-        distributed.all_reduce_sum(values, info)
-        values = values.cpu()
-        if not bool(torch.isfinite(values).all()):
-            self._non_finite(dict(zip(["loss", *names], values.tolist())), state.global_step + 1, lr)
-        if self.settings.optim.grad_clip and self.settings.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optim.grad_clip)
+        micro-batches when ``optim.micro_batch_size`` asks for them. No host sync: the losses stay
+        on the device until a log step (``_LossSums``)."""
+        state, optim = self.state, self.settings.optim
+        self.lr = self.schedule.step()
+        values, names = self.compiled.run(lambda forward: self._accumulate(forward, batch, global_n),
+                                          self.optimizer)
+        distributed.all_reduce_sum(values, self.info)
+        self.losses.add(state.global_step + 1, state.epoch, self.lr, ["loss", *names], values)
+        if optim.grad_clip and optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.grad_clip,
+                                           foreach=True if self.device.type == "cuda" else None)
         self.optimizer.step()
 
         state.global_step += 1
@@ -495,12 +612,43 @@ class _Trainer:
         now = time.perf_counter()
         state.train_s += now - self.tick
         state.log_acc_s += now - self.tick
+        state.log_acc_wait_s += self.data_wait
         self.tick = now
-        for n, v in zip(["loss", *names], values.tolist()):
-            state.log_acc[n] = state.log_acc.get(n, 0.0) + v
         state.log_acc_steps += 1
         state.log_acc_samples += global_n
-        self.lr = lr
+
+    def _accumulate(self, forward: nn.Module, batch: dict[str, Any],
+                    global_n: int) -> tuple[torch.Tensor, list[str]]:
+        """Forward and backward over the micro-batches of ``batch``: the gradient of the global
+        batch's mean loss, and this rank's part of the loss values (each micro-batch's mean
+        weighted by its share of the global batch)."""
+        info = self.info
+        local_n = batch_size_of(batch)
+        micros = split_batch(batch, self.micro_batch_size or local_n)
+        micro_ns = [batch_size_of(m) for m in micros]
+        denominators: list[Any] = [None] * len(micros)
+        if self.label_counts is not None:
+            found = global_label_denominators(self.label_counts(batch), local_n, micro_ns, info)
+            denominators = found or denominators
+        self.optimizer.zero_grad(set_to_none=True)
+        values: torch.Tensor | None = None
+        names: list[str] = []
+        for i, (micro, micro_n, denom) in enumerate(zip(micros, micro_ns, denominators)):
+            share = micro_n / global_n
+            extra = () if self.label_counts is None else (denom,)
+            # DDP all-reduces the gradients on the last micro-step only
+            with self._sync_gradients(i == len(micros) - 1), autocast(self.device, self.precision):
+                out = self.step_fn(forward, micro, self.state.epoch, *extra)
+                loss = out["loss"]
+                names = sorted(out.get("losses", {}))
+                part = torch.stack([loss.detach().float()]
+                                   + [out["losses"][k].detach().float() for k in names]) * share
+                values = part if values is None else values + part
+                # DDP averages gradients over ranks; scaling by share*world makes that the
+                # gradient of the global-batch mean even when shards differ in size
+                (loss * (share * info.world_size)).backward()
+        assert values is not None
+        return values, names
 
     def after_step(self) -> bool:
         """Log, stop on request, checkpoint; True when the epoch (or training) ends here."""
@@ -525,10 +673,15 @@ class _Trainer:
         return False
 
     def log_step(self) -> None:
+        """On log steps (the only host syncs of training): stop on a non-finite loss, naming the
+        step it first appeared at (at most ``log_every`` steps ago), and write the means."""
         state = self.state
         record = None
         if state.global_step % max(1, self.settings.log_every) == 0 or state.global_step == self.total_steps:
+            self.losses.fold_into(state)
             record = _log_record(state, state.epoch, self.lr, self.total_steps)
+            if self.compiled.mode:
+                record["compile"] = self.compiled.describe()
             self._log(record)
         self.progress.update(state.global_step, record)
 
@@ -547,7 +700,9 @@ class _Trainer:
         self.checkpoint()
 
     def checkpoint(self) -> None:
-        """``last.pt`` (collective under DDP: every rank calls it at the same step)."""
+        """``last.pt`` (collective under DDP: every rank calls it at the same step); never of
+        weights a non-finite loss has touched."""
+        self.losses.fold_into(self.state)
         save_last(self.last_path, self.info, self.device, model=self.model.state_dict(),
                   optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
                   state=vars(self.state).copy())
@@ -577,13 +732,6 @@ class _Trainer:
         if info.is_main:
             truncate_log(s.log_path, state.global_step)
         return state
-
-    def _non_finite(self, named: dict[str, float], step: int, lr: float) -> None:
-        bad = [n for n, v in named.items() if not math.isfinite(v)]
-        detail = ", ".join(f"{n}={v}" for n, v in named.items())
-        raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.state.epoch + 1}, "
-                            f"lr {lr:.3e}): {', '.join(bad)} ({detail}); stopping",
-                            step=step, losses=named)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
@@ -633,6 +781,9 @@ class _Trainer:
             best_metrics=state.best_metrics,
             last_metrics=state.history[-1]["metrics"] if state.history else None,
             device=str(self.device), precision=self.precision, world_size=self.info.world_size,
+            execution={"compile": self.compiled.describe(), "micro_batch_size": self.micro_batch_size,
+                       "tf32": self.settings.tf32 if self.device.type == "cuda" else None,
+                       "num_workers": loader_workers(self.settings.num_workers, self.device)},
         )
 
 
@@ -646,6 +797,9 @@ def _log_record(state: _State, epoch: int, lr: float, total_steps: int) -> dict[
         "losses": {k: v / steps for k, v in acc.items() if k != "loss"},
         "samples_per_s": state.log_acc_samples / state.log_acc_s if state.log_acc_s > 0 else 0.0,
         "time": round(state.train_s, 3),
+        # per step: the time the step waited for its batch (workers too slow when it grows)
+        "data_wait_s": round(state.log_acc_wait_s / steps, 6),
     }
     state.log_acc, state.log_acc_steps, state.log_acc_samples, state.log_acc_s = {}, 0, 0, 0.0
+    state.log_acc_wait_s = 0.0
     return record

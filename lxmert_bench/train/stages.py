@@ -175,6 +175,7 @@ def build_result(config: RunConfig, part: dict[str, Any], wall_s: float) -> dict
         "device": summary.device.split(":")[0], "num_gpus": num_gpus,
         "gpu_hours": round(num_gpus * total_s / 3600, 6), "precision": summary.precision,
         "world_size": summary.world_size,
+        "execution": summary.execution,  # compile mode, micro-batch, TF32, workers: provenance
         "versions": {"lxmert_bench": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "data_fingerprint": config.data.fingerprint, "code_version": config.code_version,
