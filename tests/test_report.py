@@ -544,7 +544,8 @@ def test_write_report(report, table5):
     assert states == ["failed", "running", "to run", "to run", "to run"]
     # plots embedded by relative link, all present; no temporary directory left behind
     links = [line[line.index("(") + 1:-1] for line in text.splitlines() if line.startswith("![")]
-    assert len(links) == 5 and all((out / name).is_file() for name in links)
+    # bars per task, curves per kind, a stage-curves figure per kind / task (report_plots tests)
+    assert len(links) == 3 + 2 + 1 + 3 and all((out / name).is_file() for name in links)
     _png(out / "bars_vqa.png")
     assert not [p for p in out.iterdir() if p.name.startswith(".report-tmp-")]
     results = (out / "results.jsonl").read_text().splitlines()
@@ -722,7 +723,8 @@ def test_odd_variant_names_render_as_text(tmp_path):
     hrefs = [t.attrs.get("href") for t in flat if t.type == "link_open"]
     assert set(hrefs) <= {"results.jsonl"}
     srcs = [t.attrs.get("src") for t in flat if t.type == "image"]
-    assert srcs and all(s.startswith(("bars_", "curves_")) and s.endswith(".png") for s in srcs)
+    assert srcs and all(s.startswith(("bars_", "curves_", "stages_")) and s.endswith(".png")
+                        for s in srcs)
     assert not any(t.type == "heading_open" and t.tag == "h1" for t in tokens[3:])  # one title
     headings = [_inline_text(tokens[i + 1]) for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert headings[0] == "Odd <i>names</i> [t](http://evil) # Title injection"
@@ -736,8 +738,9 @@ def test_odd_variant_names_render_as_text(tmp_path):
     assert len(main) == 1 + len(names)
     assert "ValueError: <b>boom</b> [y](http://evil)" in shown
     # the plots hold the names too and were written (a '$\x$' once crashed matplotlib's mathtext)
-    assert sorted(p.name for p in out.parent.glob("*.png")) == ["bars_vqa.png", "curves_finetune.png",
-                                                                "curves_pretrain.png"]
+    assert sorted(p.name for p in out.parent.glob("*.png")) == [
+        "bars_vqa.png", "curves_finetune.png", "curves_pretrain.png", "stages_finetune_gqa.png",
+        "stages_finetune_vqa.png", "stages_pretrain.png"]
 
 
 def test_report_files_get_the_umask_permissions(table5, tmp_path):

@@ -32,7 +32,12 @@ from lxmert_bench.report.collect import (
     read_curves,
     read_json_file,
 )
-from lxmert_bench.report.plots import plot_task_bars, plot_training_curves
+from lxmert_bench.report.plots import (
+    plot_note,
+    plot_stage_curves,
+    plot_task_bars,
+    plot_training_curves,
+)
 from lxmert_bench.report.significance import N_RESAMPLES, Comparison, compare_to_reference
 from lxmert_bench.report.submissions import submissions_section
 from lxmert_bench.report.tables import (
@@ -54,7 +59,7 @@ from lxmert_bench.store import DONE
 # is in every report. 'finetune.<task>.<key>' reads the fine-tuning config of that task.
 SWITCHES: tuple[tuple[str, str, Any, Any], ...] = tuple(
     (s.key, s.what, s.paper, s.code) for s in switches() if s.key)
-PLOT_PREFIXES = ("bars_", "curves_")
+PLOT_PREFIXES = ("bars_", "curves_", "stages_")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,7 +304,8 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
             "directories (the rows behind every number are in [`results.jsonl`](results.jsonl)).", ""]
     out += ["## Provenance", "", provenance(spec, frame, configs, synthetic), ""]
     out += ["### Where the paper and the official code differ", "",
-            "The choices these runs made (LXMERT_FACTS.md §9), read from their `config.json`:", "",
+            "The choices these runs made (what each switch means: docs/paper_vs_code.md in the "
+            "lxmert-bench repository), read from their `config.json`:", "",
             switches_table(configs), ""]
     out += ["## Results (dev sets: VQA minival, GQA testdev, NLVR² dev)", "",
             main_table(summary, spec, comparisons), "",
@@ -343,7 +349,11 @@ def write_report(spec: ReportSpec, entries: Sequence[ReportEntry], workdir: str 
         curves = read_curves(entries, workdir)
         configs = read_configs(entries, workdir)
         comparisons = compare_to_reference(frame, spec, n_resamples=n_resamples)
-        pngs = plot_task_bars(frame, spec, tmp) + plot_training_curves(curves, spec, tmp)
+        note = plot_note(spec.profile, is_synthetic(frame, configs))
+        pngs = (plot_task_bars(frame, spec, tmp, note=note,
+                               show_paper=not is_synthetic(frame, configs))
+                + plot_training_curves(curves, spec, tmp, note=note)
+                + plot_stage_curves(curves, spec, tmp, note=note))
         text = render_markdown(spec, frame, configs, comparisons, [p.name for p in pngs],
                                n_resamples)
         atomic_write_text(tmp / "report.md", text)
