@@ -629,7 +629,9 @@ def test_table4_from_the_real_plan_with_shared_nlvr2_stages(tmp_path):
     n_stages = len(plan.stages)
     assert f"over {n_stages} finished stages" in text
     assert "NOT THE PAPER'S NUMBERS" in text and "**synthetic** benchmark" in text
-    assert "- **Model:** `tiny` preset" in text
+    # the demo profile's model: the tiny preset with what the profile changes, named
+    assert ("- **Model:** `tiny` preset with `num_attr_labels=16`, `num_object_labels=32`, "
+            "`num_objects=16`, `visual_feat_dim=64`") in text
 
 
 def test_table3_from_the_real_plan_with_bert_stage_and_rows_without_pretraining(tmp_path):
@@ -654,7 +656,7 @@ def test_table3_from_the_real_plan_with_bert_stage_and_rows_without_pretraining(
     assert cell(pre, "Pre-train + BERT", "total ↓") == "5.000 (n=1)"
     switches = next(t for t in tables if t[0][0] == "Switch")
     assert cell(switches, "BERT layers used for initialisation", "follows") == "official code"
-    assert "custom (hidden 32, layers L/R/X 2/0/1)" in text  # BERT + 1 CrossAtt's model
+    assert "`test` preset with `r_layers=0`" in text  # BERT + 1 CrossAtt's model (L/R/X 2/0/1)
     assert "text-only BERT 1/1 done" in text
     assert f"over {len(plan.stages)} finished stages" in text
 

@@ -150,9 +150,16 @@ def readme_switches() -> str:
 
 
 def model_description(model: Mapping[str, Any]) -> str:
-    for name, preset in PRESETS.items():
-        if asdict(preset) == dict(model):
-            return f"`{name}` preset"
+    """The preset the model is, or the nearest preset and what differs (e.g. the demo profile's
+    ``tiny`` preset with smaller features and label heads)."""
+    def differences(preset: Any) -> dict[str, Any]:
+        return {k: v for k, v in model.items() if asdict(preset).get(k, v) != v}
+
+    name, diff = min(((n, differences(p)) for n, p in PRESETS.items()), key=lambda nd: len(nd[1]))
+    if not diff:
+        return f"`{name}` preset"
+    if len(diff) <= 6:
+        return f"`{name}` preset with " + ", ".join(f"`{k}={v}`" for k, v in diff.items())
     return (f"custom (hidden {model.get('hidden_size')}, layers L/R/X "
             f"{model.get('l_layers')}/{model.get('r_layers')}/{model.get('x_layers')})")
 
