@@ -311,6 +311,7 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
     for st in _in_spec_order(plan):
         s = statuses[st.stage_id]
         res = resources.for_kind(st.kind)
+        hours = estimate_gpu_hours(st.config, resources.throughput)
         variants = list(dict.fromkeys(u[1] for u in st.users))
         what = st.describe() + (f" | {', '.join(variants)}" if st.kind != "bert" else "")
         rows.append({
@@ -318,9 +319,10 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
             "job_id": s.job_id, "shared_by": len({(u[0], u[1]) for u in st.users}),
             "used_by": [f"{u[0]}:{u[1]}:seed{u[2]}:{u[3]}" for u in st.users],
             "depends_on": st.deps, "gpus": gpu_count(res) * int(res.get("nodes") or 1),
-            "time_min": res.get("timeout_min"), "gpu_hours": round(estimate_gpu_hours(st.config), 2),
+            "time_min": res.get("timeout_min"), "gpu_hours": None if hours is None else round(hours, 2),
         })
-    todo_hours = sum(r["gpu_hours"] for r in rows if r["state"] != DONE)
+    # None: no measured samples/s for the stage in the slurm profile's throughput table
+    todo_hours = sum(r["gpu_hours"] or 0.0 for r in rows if r["state"] != DONE)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -341,6 +343,7 @@ def _print_plan(plan, statuses, resources, as_json: bool, test_only: dict[str, s
     table = [[r["state"], r["kind"], r["stage"].split("/")[1], r["what"],
               f"{r['shared_by']} variants" if r["shared_by"] > 1 else "",
               f"{r['gpus']} GPU, {r['time_min']} min" if r["gpus"] else f"CPU, {r['time_min']} min",
+              "not measured" if r["gpu_hours"] is None else
               f"{r['gpu_hours']:.1f}" if r["gpu_hours"] else "-"] for r in rows]
     print(tabulate(table, headers=["state", "kind", "hash", "stage", "shared", "resources", "GPU-h"],
                    tablefmt="simple"))

@@ -59,7 +59,7 @@ SLURM_RESOURCE_KEYS = {
 MAIL_TYPES = {"NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",
               "TIME_LIMIT", "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS"}
 SLURM_TOP_KEYS = {"name", "description", "array_parallelism", "max_array_size", "bert", "pretrain",
-                  "finetune", "local_parallelism"}
+                  "finetune", "local_parallelism", "throughput"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -164,6 +164,8 @@ class ResourceProfile:
     array_parallelism: int = 256
     max_array_size: int = 1000
     local_parallelism: int | None = None
+    # measured samples/s per GPU by stage kind, with the GPU type (plan's GPU-hour estimates)
+    throughput: dict[str, Any] = field(default_factory=dict)
     path: str = ""
 
     def for_kind(self, kind: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -212,6 +214,10 @@ def load_resource_profile(name: str) -> ResourceProfile:
         problems += [f"{path}: {kind}.{k}: unknown resource (known: {sorted(SLURM_RESOURCE_KEYS)})"
                      for k in res if k not in SLURM_RESOURCE_KEYS]
         problems += [f"{path}: {kind}.{p}" for p in resource_problems(res)]
+    if "throughput" in data:
+        from lxmert_bench.plan import throughput_problems
+
+        problems += [f"{path}: {p}" for p in throughput_problems(data["throughput"])]
         kinds[kind] = res
     if problems:
         raise ResourceError("\n".join(problems))
@@ -219,6 +225,7 @@ def load_resource_profile(name: str) -> ResourceProfile:
         name=str(data.get("name", path.stem)), kinds=kinds,
         array_parallelism=int(data.get("array_parallelism", 256)),
         max_array_size=int(data.get("max_array_size", 1000)),
+        throughput=data.get("throughput") or {},
         local_parallelism=data.get("local_parallelism"), path=str(path),
     )
 

@@ -441,11 +441,13 @@ def _matches(st: Stage, terms: dict[str, str]) -> bool:
     return True
 
 
-# Paper-scale reference GPU-hours (LXMERT_FACTS.md §2-3: pretraining 20 epochs ~ 8.5 days on 4 GPUs;
-# VQA ~2 h/epoch, GQA ~4 h/epoch on one GPU; NLVR2 assumed ~1.5 h/epoch), for the base model.
-REFERENCE_GPU_HOURS = {"pretrain": 4 * 8.5 * 24 / 20, "bert": 24 / 10,
-                       "vqa": 2.0, "gqa": 4.0, "nlvr2": 1.5}  # per epoch
-_BASE_PARAMS = 207_936_768
+# GPU-hours per epoch of the stages whose samples/s nobody measured yet, for the base model
+# (LXMERT_FACTS.md §3: VQA ~2 h/epoch, GQA ~4 h/epoch on one GPU; NLVR2 assumed ~1.5 h/epoch; the
+# BERT stage assumed 24 h per 10 epochs). Pretraining is estimated from the measured samples/s in
+# the slurm profile's ``throughput`` table instead (no reference time: the paper's "10 days on 4
+# GPUs" was 2019 hardware).
+REFERENCE_GPU_HOURS = {"bert": 24 / 10, "vqa": 2.0, "gqa": 4.0, "nlvr2": 1.5}  # per epoch
+PRETRAIN_PAIRS = 9_180_000  # sentence-image pairs per pretraining epoch (LXMERT_FACTS.md, "all")
 
 
 def _param_count(m: LxmertConfig) -> int:
@@ -456,15 +458,45 @@ def _param_count(m: LxmertConfig) -> int:
     return (m.l_layers + m.r_layers) * layer + m.x_layers * xlayer + emb + m.visual_feat_dim * h
 
 
-def estimate_gpu_hours(config: RunConfig) -> float:
-    """A rough paper-scale estimate; 0 for the synthetic benchmark (minutes on a CPU)."""
+def throughput_problems(table: Any) -> list[str]:
+    """What is wrong with a slurm profile's ``throughput`` table (``gpu``, ``source``,
+    ``samples_per_s: {pretrain|bert|finetune: number or null}``)."""
+    if not isinstance(table, dict):
+        return ["throughput: expected a mapping (gpu, source, samples_per_s)"]
+    out = [f"throughput.{k}: unknown key (known: gpu, samples_per_s, source)"
+           for k in table if k not in ("gpu", "samples_per_s", "source")]
+    rates = table.get("samples_per_s") or {}
+    if not isinstance(rates, dict):
+        return [*out, "throughput.samples_per_s: expected a mapping kind -> samples/s"]
+    for kind, value in rates.items():
+        if kind not in ("bert", "pretrain", "finetune"):
+            out.append(f"throughput.samples_per_s.{kind}: unknown stage kind (bert, pretrain, finetune)")
+        elif value is not None and not (isinstance(value, (int, float)) and value > 0):
+            out.append(f"throughput.samples_per_s.{kind}: expected samples/s > 0 or null "
+                       f"(not measured), got {value!r}")
+    if rates and not table.get("gpu"):
+        out.append("throughput.gpu: name the GPU type the samples/s were measured on")
+    return out
+
+
+def estimate_gpu_hours(config: RunConfig, throughput: dict[str, Any] | None = None) -> float | None:
+    """A rough paper-scale estimate; 0 for the synthetic benchmark (minutes on a CPU). Pretraining:
+    its samples (epochs x 9.18M pairs) over the profile's measured samples/s per GPU (None when
+    that is not measured); other stages: the reference hours per epoch above. Both scale with the
+    model's size relative to the base model's and with ``data.image_limit``."""
     if config.data.synthetic:
         return 0.0
-    scale = _param_count(config.model) / _BASE_PARAMS
+    scale = _param_count(config.model) / _param_count(LxmertConfig())
     stage = config.stage
     epochs = stage.optim.epochs
-    key = config.finetune.task if config.kind == "finetune" else config.kind
-    hours = REFERENCE_GPU_HOURS[key] * epochs * scale
+    if config.kind == "pretrain":
+        rate = ((throughput or {}).get("samples_per_s") or {}).get("pretrain")
+        if not rate:
+            return None
+        hours = epochs * PRETRAIN_PAIRS / rate / 3600 * scale
+    else:
+        key = config.finetune.task if config.kind == "finetune" else config.kind
+        hours = REFERENCE_GPU_HOURS[key] * epochs * scale
     if config.data.image_limit:
         hours *= min(1.0, config.data.image_limit / 100_000)
     return hours
