@@ -3,14 +3,17 @@ the one safe way to read a torch file (nothing in it can run code)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import jsonlines
 
 
 class RefusedFile(ValueError):
@@ -122,3 +125,65 @@ def human_bytes(n: float) -> str:
 def utc_now() -> str:
     """The timestamp every record the tool writes carries (UTC, seconds, ISO 8601)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --- JSON Lines (log.jsonl, results.jsonl, submissions.jsonl): one home, through `jsonlines` ------
+def jsonl_line(record: Any) -> str:
+    """``record`` as one JSON Lines line (with its newline)."""
+    buf = io.StringIO()
+    with jsonlines.Writer(buf) as writer:  # the spacing json.dumps writes
+        writer.write(record)
+    return buf.getvalue()
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append ``record`` as one line, in one ``write`` to a file opened for appending, so lines
+    of concurrent appenders never interleave and a crash leaves at most a torn last line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(jsonl_line(record))
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """The whole file at once, atomically (a reader sees the old file or the new one)."""
+    atomic_write_text(path, "".join(jsonl_line(r) for r in records))
+
+
+def parse_jsonl(lines: Iterable[str | bytes], where: str, torn_last_ok: bool = True,
+                hint: str = "") -> list[dict[str, Any]]:
+    """The objects of JSON Lines ``lines`` (blank lines skipped). A bad LAST line is dropped when
+    ``torn_last_ok`` (a writer killed mid-line); any other bad line or a value that is not an
+    object raises ValueError naming ``where`` and the line number."""
+    lines = list(lines)
+    out: list[dict[str, Any]] = []
+    try:
+        out.extend(jsonlines.Reader(lines).iter(type=dict, skip_empty=True))
+    except jsonlines.InvalidLineError as e:
+        not_json = isinstance(e.__cause__, ValueError)  # a decode error, not a wrong type
+        last = max((i for i, ln in enumerate(lines, 1) if ln.strip()), default=0)
+        if not_json and torn_last_ok and e.lineno == last:
+            return out
+        if not not_json:
+            raise ValueError(f"{where}:{e.lineno}: expected a JSON object per line{hint}") from None
+        raise ValueError(f"{where}:{e.lineno}: invalid JSON line ({e.__cause__}){hint}") from None
+    return out
+
+
+def read_jsonl(path: str | os.PathLike, torn_last_ok: bool = True, hint: str = ""
+               ) -> list[dict[str, Any]]:
+    """:func:`parse_jsonl` of a file; [] when it does not exist (nothing logged yet)."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return parse_jsonl(lines, str(path), torn_last_ok, hint)
+
+
+def iter_jsonl_objects(lines: Iterable[str | bytes]) -> Iterator[dict[str, Any]]:
+    """The objects among ``lines``, skipping anything that is not one (a live log being read
+    while it is written: a follower must never stop on a bad line)."""
+    for value in jsonlines.Reader(list(lines)).iter(skip_empty=True, skip_invalid=True):
+        if isinstance(value, dict):
+            yield value

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shlex
 import shutil
@@ -32,7 +31,7 @@ from typing import Any
 import submitit
 import yaml
 
-from lxmert_bench.io import atomic_write_json, read_json, utc_now
+from lxmert_bench.io import append_jsonl, atomic_write_json, read_json, utc_now
 from lxmert_bench.owner import HOST, process_start_time, publish_directory, same_process
 from lxmert_bench.plan import Plan, Stage
 from lxmert_bench.progress import StageProgress, stage_label
@@ -462,8 +461,7 @@ def read_job(workdir: str | Path, stage_id: str) -> dict[str, Any] | None:
 
 def write_job(workdir: str | Path, stage_id: str, record: dict[str, Any]) -> None:
     atomic_write_json(job_record_path(workdir, stage_id), record)
-    with open(Path(workdir) / "submissions.jsonl", "a") as f:
-        f.write(json.dumps({"stage_id": stage_id, **record}) + "\n")
+    append_jsonl(Path(workdir) / "submissions.jsonl", {"stage_id": stage_id, **record})
 
 
 @contextlib.contextmanager

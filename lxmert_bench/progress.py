@@ -7,11 +7,12 @@ file): one plain line per logged step, so a log shows the same without control c
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from lxmert_bench.io import iter_jsonl_objects
 
 
 def stage_label(variants: list[str], what: str) -> str:
@@ -101,12 +102,8 @@ class StageProgress:
             return
         complete = chunk[:chunk.rfind("\n") + 1]  # a line still being written waits
         f.offset += len(complete.encode("utf-8"))
-        for line in complete.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict) or "split" in record or "step" not in record:
+        for record in iter_jsonl_objects(complete.splitlines()):
+            if "split" in record or "step" not in record:
                 continue
             f.last = record
             if f.bar is not None:

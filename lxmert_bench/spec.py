@@ -338,11 +338,7 @@ def load_profile(name_or_path: str | None) -> Profile:
     executor = data.get("executor", "auto")
     if executor not in EXECUTORS:
         problems.append(f"{where('executor')}: executor: expected one of {list(EXECUTORS)}, got {executor!r}")
-    seeds = data.get("seeds")
-    if seeds is not None:
-        problem = _seeds_problem(seeds)
-        if problem:
-            problems.append(f"{where('seeds')}: seeds: {problem}")
+    seeds = _checked_seeds(data, where, problems)
     max_seeds = data.get("max_seeds")
     if max_seeds is not None and not (isinstance(max_seeds, int) and not isinstance(max_seeds, bool)
                                       and max_seeds >= 1):
@@ -357,6 +353,16 @@ def load_profile(name_or_path: str | None) -> Profile:
         seeds=tuple(seeds) if seeds else None, max_seeds=max_seeds, overrides=overrides,
         path=str(path),
     )
+
+
+def _checked_seeds(data: dict[str, Any], where: Any, problems: list[str]) -> list[int] | None:
+    """The file's ``seeds`` (None when absent); a problem named by file:line and [] when bad."""
+    seeds = data.get("seeds")
+    problem = None if seeds is None else _seeds_problem(seeds)
+    if problem:
+        problems.append(f"{where('seeds')}: seeds: {problem}")
+        return []
+    return seeds
 
 
 def _seeds_problem(seeds: Any) -> str | None:
@@ -473,12 +479,7 @@ def load_spec(
     if len(set(map(str, tasks))) != len(tasks):
         problems.append(f"{where('tasks')}: tasks: a task is listed twice: {tasks}")
 
-    seeds = data.get("seeds")
-    if seeds is not None:
-        problem = _seeds_problem(seeds)
-        if problem:
-            problems.append(f"{where('seeds')}: seeds: {problem}")
-            seeds = []
+    seeds = _checked_seeds(data, where, problems)
 
     seed_pretraining = data.get("seed_pretraining", False)
     if not isinstance(seed_pretraining, bool):

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from lxmert_bench.config import TASKS
-from lxmert_bench.io import atomic_write_text
+from lxmert_bench.io import read_jsonl, write_jsonl
 from lxmert_bench.report.paper import PAPER_TABLES
 from lxmert_bench.store import DONE, FAILED, STATES, RunDir
 
@@ -260,15 +260,14 @@ def collect(entries: Sequence[ReportEntry], workdir: str | os.PathLike,
 
 def write_results_jsonl(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     """``frame`` as JSON lines (one object per row; NaN as null), written atomically."""
-    text = frame.to_json(orient="records", lines=True, force_ascii=False) if len(frame) else ""
-    if text and not text.endswith("\n"):
-        text += "\n"
-    atomic_write_text(path, text)
+    # pandas turns NaN into null and numpy scalars into numbers; jsonlines writes the lines
+    records = json.loads(frame.to_json(orient="records", force_ascii=False)) if len(frame) else []
+    write_jsonl(path, records)
 
 
 def read_results_jsonl(path: str | os.PathLike) -> pd.DataFrame:
     """The frame written by :func:`write_results_jsonl` (for re-rendering without the run dirs)."""
-    frame = pd.read_json(path, orient="records", lines=True, dtype=False)
+    frame = pd.DataFrame.from_records(read_jsonl(path, torn_last_ok=False))
     if frame.empty:
         return pd.DataFrame(columns=list(COLUMNS))
     frame["seed"] = frame["seed"].astype("Int64")
@@ -281,26 +280,7 @@ def read_results_jsonl(path: str | os.PathLike) -> pd.DataFrame:
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of one ``log.jsonl``. A torn last line (a run killed mid-write) is skipped;
     a bad line anywhere else is an error naming the file and line."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{i + 1}: invalid JSON line ({e}); expected one object per "
-                             "line (docs/internals.md)") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
-    return records
+    return read_jsonl(path, hint="; expected one object per line (docs/internals.md)")
 
 
 def _curve_rows(records: Iterable[dict[str, Any]], head: tuple) -> list[tuple]:

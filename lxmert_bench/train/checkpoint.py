@@ -6,7 +6,6 @@ Together with the deterministic data order (train/loop.py) a resumed run equals 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -15,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lxmert_bench.io import RefusedFile, atomic_torch_save, atomic_write_text, load_torch_file
+from lxmert_bench.io import (
+    RefusedFile,
+    atomic_torch_save,
+    iter_jsonl_objects,
+    load_torch_file,
+    write_jsonl,
+)
 from lxmert_bench.train.distributed import DistInfo, gather_objects
 
 # Checkpoints hold tensors and plain Python values only and load with weights_only=True: a
@@ -99,12 +104,5 @@ def truncate_log(path: Path, last_step: int) -> None:
     """Keep the log lines of steps up to the checkpoint's (and drop a torn last line)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= last_step:
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{ln}\n" for ln in kept))
+    records = iter_jsonl_objects(path.read_bytes().splitlines())
+    write_jsonl(path, [r for r in records if r.get("step", 0) <= last_step])

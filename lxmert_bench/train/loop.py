@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from lxmert_bench.config import OptimConfig
+from lxmert_bench.io import append_jsonl
 from lxmert_bench.train import distributed
 
 # checkpoint.py and distributed.py are the homes; some names (seed_all, request_stop, ...) are
@@ -735,9 +735,7 @@ class _Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
-            self.settings.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.settings.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.settings.log_path, record)
 
     def _evaluate(self, epoch_1: int) -> None:
         if self.evaluate is None:
