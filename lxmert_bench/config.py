@@ -260,6 +260,10 @@ class RunConfig:
     # (CUDA graphs) and "max-autotune". The same results within rounding: provenance.
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = provenance("auto")
     tf32: bool = provenance(True)  # CUDA: TF32 tensor cores for fp32 matmuls (not bf16 autocast's)
+    # optional trackers fed with what log.jsonl gets (train/trackers.py): TensorBoard event files
+    # in <run dir>/tensorboard/ (needs the tensorboard package), a W&B run when wandb is installed
+    tensorboard: bool = provenance(False)
+    wandb: bool = provenance(False)
     code_version: str = ""  # filled in by the planner
 
     # --- serialisation -------------------------------------------------------------------------

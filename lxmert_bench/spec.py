@@ -176,7 +176,7 @@ def _build_schema() -> dict[str, Any]:
             for task in TASKS:
                 schema[key.replace("finetune.", f"finetune.{task}.", 1)] = tp
     for k in ("log_every", "checkpoint_every", "eval_every_epoch", "device", "precision", "compile",
-              "tf32"):
+              "tf32", "tensorboard", "wandb"):
         schema[f"run.{k}"] = fields[k][0]
     return schema
 

@@ -62,6 +62,7 @@ from lxmert_bench.train.distributed import (  # noqa: F401
     teardown_distributed,
 )
 from lxmert_bench.train.optim import build_optimizer, micro_batch_size
+from lxmert_bench.train.trackers import open_trackers
 
 if TYPE_CHECKING:
     from lxmert_bench.config import RunConfig
@@ -556,6 +557,7 @@ class _Trainer:
         if mode and hasattr(model, "sparse_mlm"):
             model.sparse_mlm = False  # the MLM decoder on every word: static shapes, same loss
         self.compiled = _Compiled(self.train_model, mode, self.device, self.progress, settings.desc)
+        self.trackers = open_trackers(settings.log_path, info.is_main)  # run.tensorboard / wandb
         self.losses = _LossSums()
         self.lr, self.data_wait = 0.0, 0.0
 
@@ -571,6 +573,7 @@ class _Trainer:
                 self.end_epoch()
         finally:
             self.progress.close()
+            self.trackers.close()
         return self._summary()
 
     def _epoch_batches(self) -> Iterator[tuple[dict[str, Any], int]]:
@@ -736,6 +739,7 @@ class _Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
             append_jsonl(self.settings.log_path, record)
+            self.trackers.log(record)
 
     def _evaluate(self, epoch_1: int) -> None:
         if self.evaluate is None:
