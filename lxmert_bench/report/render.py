@@ -60,6 +60,10 @@ from lxmert_bench.store import DONE
 SWITCHES: tuple[tuple[str, str, Any, Any], ...] = tuple(
     (s.key, s.what, s.paper, s.code) for s in switches() if s.key)
 PLOT_PREFIXES = ("bars_", "curves_", "stages_")
+# The layout of report.md (sections, tables, plot names). Bump it when that layout changes: the
+# committed examples (results/examples/) must carry the current one (tests/test_examples.py).
+REPORT_FORMAT = 2
+REPORT_FORMAT_TEXT = "report format {}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +311,8 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
     warning = warning_block(spec, synthetic, fingerprints(frame, configs))
     if warning:
         out += [warning]
-    out += [f"Spec `{spec.name}`; generated {now} by lxmert-bench {__version__} from the run "
+    out += [f"Spec `{spec.name}`; generated {now} by lxmert-bench {__version__} "
+            f"({REPORT_FORMAT_TEXT.format(REPORT_FORMAT)}) from the run "
             "directories (the rows behind every number are in [`results.jsonl`](results.jsonl)).", ""]
     out += ["## Provenance", "", provenance(spec, frame, configs, synthetic), ""]
     out += ["### Where the paper and the official code differ", "",

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Rebuild the committed example reports (results/examples/<spec>/) from a demo run.
+# Usage: bash results/make_examples.sh [SPEC NAME...]   (default: the four shipped specs)
+# Each spec is run on the demo profile (stages already done in the workdir are reused; the specs
+# share their pretrainings), then its report is written into results/examples/<spec>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+specs=("$@")
+[ ${#specs[@]} -gt 0 ] || specs=(vision_tasks pretraining bert_init qa_pretraining)
+for spec in "${specs[@]}"; do
+    lxmert-bench run "ablations/$spec.yaml" --profile demo --no-report
+    lxmert-bench report "ablations/$spec.yaml" --out "results/examples/$spec"
+done
