@@ -1,11 +1,22 @@
-"""Training throughput and the end-to-end demo pipeline.
+"""Training throughput, the loader that feeds it, and the end-to-end demo pipeline.
 
-    python benchmarks/train_step.py step                       # base model, CPU, batch 4
-    python benchmarks/train_step.py step --device cuda --bf16  # base model on a GPU, batch 64
-    python benchmarks/train_step.py demo                       # tiny model on the synthetic benchmark
+    python benchmarks/train_step.py step                  # CPU: eager fp32, ours and HF
+    python benchmarks/train_step.py step --device cuda    # the GPU targets: every setting
+    python benchmarks/train_step.py loader                # examples/s the loader makes (CPU)
+    python benchmarks/train_step.py demo                  # tiny model on the synthetic benchmark
 
-``step``: samples/s of one full pretraining step (all five tasks: forward, backward, gradient
-clipping, BertAdam) of the paper's base model on random inputs of the real shapes.
+``step``: the base model's pretraining step (all five tasks: forward, backward, gradient clipping,
+BertAdam) run by the stages' own loop (``train.loop.train``: micro-batches, compile, no host sync
+but on log steps), for each setting of ``--settings`` (eager fp32, eager bf16, compiled bf16,
+compiled + CUDA graphs; on a CPU eager fp32 unless asked), ours and HF's
+``LxmertForPreTraining`` (same weights, batch and loop) side by side: samples/s, MFU (FLOPs of
+one forward + backward counted by ``torch.utils.flop_counter`` over the step time and the GPU's
+dense peak) and the fraction of step time spent waiting for data (``data_wait_s`` in log.jsonl).
+
+``loader``: examples/s the loader (``train.loop.iterate_batches``: examples built from the
+memory-mapped feature store, masking, collation) produces for the base pretraining batch with
+0..N worker processes, against a step's consumption rate (``--consume``, samples/s): the data
+wait a step would see.
 
 ``demo``: the laptop pipeline of the ``demo`` profile: the synthetic benchmark, a ``tiny`` model
 pretrained on the profile's schedule, then fine-tuned on VQA, GQA and NLVR2; and the same
@@ -18,81 +29,202 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from lxmert_bench.config import TASK_DEFAULTS, DataConfig, OptimConfig, PretrainConfig, RunConfig
-from lxmert_bench.model import LxmertConfig, LxmertForPretraining
-from lxmert_bench.train.loop import autocast, select_device
-from lxmert_bench.train.optim import build_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_throughput import hf_loss, make_batch, ours_loss  # noqa: E402
 
+from lxmert_bench.config import TASK_DEFAULTS, DataConfig, OptimConfig, PretrainConfig, RunConfig  # noqa: E402
+from lxmert_bench.model import LxmertConfig, LxmertForPretraining, load_weights  # noqa: E402
+from lxmert_bench.model.weights import hf_config  # noqa: E402
+from lxmert_bench.train.loop import LoopSettings, select_device, train  # noqa: E402
 
-def random_batch(config: LxmertConfig, batch: int, device: torch.device, length: int = 20) -> dict:
-    g = torch.Generator().manual_seed(0)
-    n = config.num_objects
-
-    def labels(high: int, shape: tuple[int, ...], p: float = 0.15) -> torch.Tensor:
-        lab = torch.randint(0, high, shape, generator=g)
-        return torch.where(torch.rand(shape, generator=g) < p, lab, torch.full_like(lab, -1))
-
-    b = {
-        "input_ids": torch.randint(5, config.vocab_size, (batch, length), generator=g),
-        "attention_mask": torch.ones(batch, length, dtype=torch.long),
-        "feats": torch.rand(batch, n, config.visual_feat_dim, generator=g),
-        "boxes": torch.rand(batch, n, 4, generator=g).sort(-1).values,
-        "masked_lm_labels": labels(config.vocab_size, (batch, length)),
-        "matched_label": torch.randint(0, 2, (batch,), generator=g),
-        "ans": labels(config.num_qa_labels, (batch,), p=0.5),
-        "obj": (torch.randint(0, config.num_object_labels, (batch, n), generator=g), torch.rand(batch, n, generator=g)),
-        "attr": (torch.randint(0, config.num_attr_labels, (batch, n), generator=g), torch.rand(batch, n, generator=g)),
-        "feat_mask": (torch.rand(batch, n, generator=g) < 0.15).float(),
-    }
-    b["feat"] = (b["feats"].clone(), b["feat_mask"])
-    return {k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device) for k, v in b.items()}
+# setting -> (precision, run.compile)
+SETTINGS: dict[str, tuple[str, str]] = {
+    "eager-fp32": ("fp32", "none"), "eager-bf16": ("bf16", "none"),
+    "compiled-bf16": ("bf16", "default"), "compiled-cudagraphs": ("bf16", "reduce-overhead"),
+    "compiled-fp32": ("fp32", "default"),  # the CPU's comparison (run.compile's default there)
+}
+GPU_SETTINGS = ("eager-fp32", "eager-bf16", "compiled-bf16", "compiled-cudagraphs")
+# On a CPU: eager fp32. bf16 autocast runs there but at >100 s per base step on this project's
+# 2-core VM (no bf16 matmul units), and compiling the base model takes many minutes; ask for them
+# with --settings (compiled-fp32 on --preset test measures what run.compile does on a CPU).
+CPU_SETTINGS = ("eager-fp32",)
+# Dense peaks, TFLOP/s (vendor data sheets, SXM parts): bf16, TF32 and plain fp32 matmuls.
+PEAK_TFLOPS = {"H200": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+               "H100": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}}
 
 
-def bench_step(preset: str, batch: int, steps: int, device_name: str, bf16: bool) -> dict:
-    device = select_device(device_name)
-    config = LxmertConfig.preset(preset)
-    model = LxmertForPretraining(config).to(device).train()
-    opt, sched = build_optimizer(model.parameters(), OptimConfig(lr=1e-4), t_total=10**6)
-    data = random_batch(config, batch, device)
-    precision = "bf16" if bf16 else "fp32"
+class RandomBatches:
+    """``TrainData`` of ``n`` examples whose every batch is one random pretraining batch of the
+    real shapes: what the step costs without the data pipeline (that is ``loader``'s)."""
 
-    def step() -> float:
-        sched.step()
-        with autocast(device, precision):
-            out = model(data["input_ids"], data["attention_mask"], data["feats"], data["boxes"],
-                        masked_lm_labels=data["masked_lm_labels"], matched_label=data["matched_label"],
-                        obj_labels={k: data[k] for k in ("obj", "attr", "feat")}, ans=data["ans"])
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return float(out["loss"].detach())  # a host sync, as the loop's NaN check does
+    def __init__(self, batch: dict[str, Any], n: int):
+        self.batch, self.n = batch, n
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def __len__(self) -> int:
+        return self.n
 
-    for _ in range(2):  # warm-up (allocator, kernels)
-        step()
-    sync()
+    def example(self, index: int, epoch: int, rng: Any) -> int:
+        return index
+
+    def collate(self, rows: list[int]) -> dict[str, Any]:
+        return self.batch  # the same rows each step (HF's QA loss is NaN on a batch without answers)
+
+
+def count_flops(model: torch.nn.Module, loss_fn: Callable, b: dict, precision: str) -> int:
+    """FLOPs of one forward + backward (matmuls and attention), under the step's precision."""
+    counter = FlopCounterMode(display=False)
+    cast = torch.autocast(b["input_ids"].device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with counter, cast:
+        loss_fn(model, b).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None  # no peak to compare a CPU with
+    name = torch.cuda.get_device_name(device)
+    table = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if table is None:
+        return None
+    return table["tf32" if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32 else precision]
+
+
+def bench_setting(which: str, config: LxmertConfig, setting: str, batch: int, steps: int,
+                  warmup: int, device: torch.device, workdir: Path) -> dict[str, Any]:
+    """One (model, setting): ``warmup`` untimed steps (compilation happens there), then
+    ``steps`` timed ones, through the stages' loop; figures from its log.jsonl."""
+    precision, compile_mode = SETTINGS[setting]
+    torch.manual_seed(0)
+    if which == "hf":
+        import transformers
+
+        model: torch.nn.Module = transformers.LxmertForPreTraining(hf_config(config))
+        loss_fn = hf_loss
+    else:
+        import transformers
+
+        model = LxmertForPretraining(config)
+        load_weights(model, transformers.LxmertForPreTraining(hf_config(config)).state_dict(),
+                     strict=True)
+        loss_fn = ours_loss
+    b = make_batch(config, batch, 20, config.num_objects, torch.device("cpu"))
+    if compile_mode != "none" and hasattr(model, "sparse_mlm"):
+        model.sparse_mlm = False  # what the loop does when compiling: count those FLOPs
+    flops = count_flops(model.to(device), loss_fn,
+                        {k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
+                         for k, v in b.items()}, precision)
+    run = workdir / f"{which}-{setting}"
+    total = warmup + steps
+    settings = LoopSettings(
+        seed=0, optim=OptimConfig(lr=1e-4, batch_size=batch, epochs=1, max_steps=total),
+        checkpoint_dir=run / "checkpoints", log_path=run / "log.jsonl", log_every=warmup,
+        checkpoint_every=10**9, device=str(device), precision=precision, compile=compile_mode,
+        num_workers=0, eval_every_epoch=False, desc=f"{which} {setting}")
+
+    def step(m: torch.nn.Module, data: dict, epoch: int) -> dict:
+        loss = loss_fn(m, data)
+        return {"loss": loss, "losses": {}}
+
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    dt = time.perf_counter() - t0
-    params = sum(p.numel() for p in model.parameters())
-    return {"what": "pretraining step (all tasks)", "preset": preset, "params": params,
-            "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
-            "batch": batch, "steps": steps, "s_per_step": round(dt / steps, 4),
-            "samples_per_s": round(batch * steps / dt, 2),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    summary = train(model, RandomBatches(b, batch * total), step, settings)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "loss" in r and r["step"] > warmup]  # windows of `warmup` steps
+    per_step = [batch / r["samples_per_s"] for r in timed]
+    wait = sum(r["data_wait_s"] for r in timed)
+    shutil.rmtree(run, ignore_errors=True)  # last.pt of the base model: gigabytes
+    # the median window: a shared machine's other load shows up as outlier windows
+    step_s = statistics.median(per_step)
+    secs = sum(per_step)
+    peak = peak_tflops(device, precision)
+    tflops = flops / step_s / 1e12
+    return {"model": which, "setting": setting, "precision": precision, "compile": compile_mode,
+            "samples_per_s": round(batch / step_s, 2), "step_s": round(step_s, 4),
+            "gflop_per_step": round(flops / 1e9, 1), "tflops": round(tflops, 4),
+            "mfu": round(tflops / peak, 4) if peak else None,
+            "data_wait_fraction": round(wait / secs, 4) if secs else None,
+            "compile_status": summary.execution["compile"], "wall_s": round(wall, 1)}
+
+
+def bench_step(preset: str, batch: int, steps: int, warmup: int, device_name: str,
+               settings: list[str], models: list[str]) -> dict:
+    device = select_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # eager fp32 means fp32: TF32 is its own row
+    config = LxmertConfig.preset(preset)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="train-step-") as tmp:
+        for setting in settings:
+            for which in models:
+                row = bench_setting(which, config, setting, batch, steps, warmup, device, Path(tmp))
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                rows.append(row)
+    by = {(r["model"], r["setting"]): r["samples_per_s"] for r in rows}
+    ratios = {s: round(by[("ours", s)] / by[("hf", s)], 3) for s in settings
+              if ("ours", s) in by and ("hf", s) in by}
+    if ("ours", "compiled-bf16") in by and ("hf", "eager-fp32") in by:
+        ratios["ours compiled-bf16 / hf eager-fp32"] = round(
+            by[("ours", "compiled-bf16")] / by[("hf", "eager-fp32")], 3)
+    params = sum(p.numel() for p in LxmertForPretraining(config).parameters())
+    return {"what": "pretraining step (all tasks) through train.loop", "preset": preset,
+            "params": params, "device": str(device), "batch": batch, "steps": steps,
+            "warmup": warmup, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": None if device.type == "cuda" else (platform.processor() or platform.machine()),
+            "rows": rows, "ours_over_hf": ratios}
+
+
+def bench_loader(root: Path, images: int, batch: int, batches: int, workers: list[int],
+                 consume: float | None) -> dict:
+    """Examples/s of the pretraining loader for the base model's batch (36 boxes x 2048-d
+    float32 features from the memory-mapped store, masking, collation)."""
+    from lxmert_bench.data.root import ensure_data_root
+    from lxmert_bench.data.tasks import PretrainCorpus
+    from lxmert_bench.train.common import load_tokenizer
+    from lxmert_bench.train.loop import epoch_batches, iterate_batches
+    from lxmert_bench.train.pretrain import make_examples
+
+    data = DataConfig(root=str(root), synthetic=True, synthetic_images=images)
+    ensure_data_root(data)
+    p = PretrainConfig()
+    corpus = PretrainCorpus(data.root, p.train_splits, num_objects=36)
+    examples = make_examples(p, corpus, load_tokenizer(data), 0)
+    order = epoch_batches(len(examples), batch, 0, 0)
+    if len(order) < batches:
+        raise SystemExit(f"{root}: {len(examples)} examples make {len(order)} batches of {batch}; "
+                         f"use more --images")
+    rows = []
+    for w in workers:
+        it = iterate_batches(examples, order[:batches], 0, 0, num_workers=w)
+        first = next(it)  # workers start, pages come in: not what the steady state costs
+        t0 = time.perf_counter()
+        n = sum(int(b["input_ids"].shape[0]) for b in it)
+        dt = time.perf_counter() - t0
+        rate = n / dt
+        row = {"workers": w, "examples_per_s": round(rate, 1),
+               "feats_shape": list(first["feats"].shape)}
+        if consume:
+            row["data_wait_fraction_at_consume"] = round(max(0.0, 1 - rate / consume), 3)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"what": "pretraining loader, base batch", "batch": batch, "batches_timed": batches - 1,
+            "examples": len(examples), "consume_samples_per_s": consume, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,30 +296,54 @@ def demo(workdir: Path, device: str, seed: int = 0, **schedule: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["step", "demo"])
+    ap.add_argument("what", choices=["step", "loader", "demo"])
     ap.add_argument("--preset", default="base")
-    ap.add_argument("--batch", type=int, default=None, help="default: 4 on CPU, 64 on GPU")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="step: default 4 on CPU, 128 on GPU; loader: default 256")
+    ap.add_argument("--steps", type=int, default=None, help="step: timed steps (default 3 on CPU, 30 on GPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="step: untimed steps first (default 3 on CPU, 10 on GPU)")
+    ap.add_argument("--settings", default=None,
+                    help=f"step: comma-separated, of {', '.join(SETTINGS)} (default: "
+                         f"{', '.join(GPU_SETTINGS)} on CUDA, {', '.join(CPU_SETTINGS)} on CPU)")
+    ap.add_argument("--models", default="ours,hf", help="step: ours, hf or both")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (the GPU default)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--workdir", default="benchmarks/.demo", help="demo: run directories and data")
+    ap.add_argument("--images", type=int, default=None, help="demo: overrides the demo profile's "
+                    "value; loader: synthetic images (default 2000)")
+    ap.add_argument("--batches", type=int, default=8, help="loader: batches read (the first untimed)")
+    ap.add_argument("--workers", default="0,1,2", help="loader: worker counts to try")
+    ap.add_argument("--consume", type=float, default=None, help="loader: a step's samples/s")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--workdir", default="benchmarks/.demo", help="demo: run directories and data; "
+                    "loader: <workdir>/loader-data")
     ap.add_argument("--seed", type=int, default=0, help="demo: seed of every stage")
-    for key, kind in (("images", int), ("pretrain_epochs", int), ("pretrain_lr", float),
+    for key, kind in (("pretrain_epochs", int), ("pretrain_lr", float),
                       ("finetune_epochs", int), ("finetune_lr", float)):
         ap.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None,
                         help="demo: overrides the demo profile's value")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    gpu = args.device.startswith("cuda")
     if args.what == "step":
-        batch = args.batch or (64 if args.device.startswith("cuda") else 4)
-        out = bench_step(args.preset, batch, args.steps, args.device, args.bf16)
+        settings = args.settings.split(",") if args.settings else list(GPU_SETTINGS if gpu else CPU_SETTINGS)
+        unknown = [s for s in settings if s not in SETTINGS]
+        if unknown:
+            ap.error(f"--settings: unknown {unknown}; known: {list(SETTINGS)}")
+        out = bench_step(args.preset, args.batch or (128 if gpu else 4), args.steps or (30 if gpu else 3),
+                         args.warmup or (10 if gpu else 3), args.device, settings,
+                         args.models.split(","))
+    elif args.what == "loader":
+        out = bench_loader(Path(args.workdir) / "loader-data", args.images or 2000, args.batch or 256,
+                           args.batches, [int(w) for w in args.workers.split(",")], args.consume)
     else:
         out = demo(Path(args.workdir), args.device, args.seed, images=args.images,
                    pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
                    finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
     print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
