@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from lxmert_bench.train.checkpoint import (  # noqa: F401
     set_rng_state,
     truncate_log,
 )
+from lxmert_bench.train.compile import CompiledStep, compile_mode  # noqa: F401 (compile_mode: stages, tests)
 from lxmert_bench.train.distributed import (  # noqa: F401
     DIST_TIMEOUT_ENV,
     DistInfo,
@@ -274,7 +274,6 @@ class LoopSettings:
 # processes); 4 workers are sized to stay above the 1,369 samples/s of an eager bf16 H100 step
 # (not measured on a GPU node: README, Performance).
 DEFAULT_CUDA_WORKERS = 4
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def loader_workers(num_workers: int | None, device: torch.device) -> int:
@@ -283,16 +282,6 @@ def loader_workers(num_workers: int | None, device: torch.device) -> int:
     if num_workers is not None:
         return num_workers
     return min(DEFAULT_CUDA_WORKERS, os.cpu_count() or 1) if device.type == "cuda" else 0
-
-
-def compile_mode(setting: str, device: torch.device) -> str | None:
-    """``run.compile``: 'auto' is 'default' on CUDA and off on a CPU (there the compile takes
-    minutes and the compiled step is not faster: README, Performance); None: eager."""
-    if setting == "auto":
-        setting = "default" if device.type == "cuda" else "none"
-    if setting not in COMPILE_MODES:
-        raise ValueError(f"run.compile: expected 'auto' or one of {list(COMPILE_MODES)}, got {setting!r}")
-    return None if setting == "none" else setting
 
 
 def start_stage(config: RunConfig, info: DistInfo) -> tuple[torch.device, str]:
@@ -435,63 +424,6 @@ class _LossSums:
                 state.log_acc[n] = state.log_acc.get(n, 0.0) + v
 
 
-def _graphs_compiled() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-class _Compiled:
-    """The training forward under ``torch.compile`` (``mode``; None: eager): graphs compiled after
-    the first step count as recompiles (warned and logged), and a compile failure falls back to
-    eager with a warning naming the cause; that step is redone from the same RNG states."""
-
-    def __init__(self, module: nn.Module, mode: str | None, device: torch.device,
-                 progress: _Progress, desc: str):
-        self.eager = self.module = module
-        self.mode, self.device, self.progress, self.desc = mode, device, progress, desc
-        self.failed: str | None = None
-        self.recompiles = 0
-        self.proven = False  # a compiled step has run
-        if mode:
-            try:
-                self.module = torch.compile(module, mode=None if mode == "default" else mode,
-                                            dynamic=False)
-            except Exception as e:  # noqa: BLE001 - any cause: training goes on eagerly
-                self._fall_back(e)
-
-    def run(self, work: Callable[[nn.Module], Any], optimizer: torch.optim.Optimizer) -> Any:
-        """``work(module)``: the step's forward and backward passes."""
-        if self.module is self.eager:
-            return work(self.eager)
-        rngs = None if self.proven else rng_state(self.device)
-        before = _graphs_compiled()
-        try:
-            out = work(self.module)
-        except Exception as e:  # noqa: BLE001 - a real error in the step fails eagerly too
-            self._fall_back(e)
-            if rngs is not None:
-                set_rng_state(rngs, self.device)
-            optimizer.zero_grad(set_to_none=True)
-            return work(self.eager)
-        if self.proven and _graphs_compiled() > before:
-            self.recompiles += 1
-            self.progress.write(f"[{self.desc}] torch.compile recompiled the training step "
-                                f"({self.recompiles} recompile(s)): shapes or guards changed")
-        self.proven = True
-        return out
-
-    def _fall_back(self, e: Exception) -> None:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        self.failed = f"{type(e).__name__}: {first}"
-        self.module = self.eager
-        warnings.warn(f"[{self.desc}] torch.compile (mode {self.mode}) failed, training eagerly: "
-                      f"{self.failed}", RuntimeWarning, stacklevel=2)
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode or "none", "recompiles": self.recompiles, "failed": self.failed}
-
-
 def train(
     model: nn.Module,
     data: TrainData,
@@ -558,7 +490,8 @@ class _Trainer:
         mode = compile_mode(settings.compile, self.device)
         if mode and hasattr(model, "sparse_mlm"):
             model.sparse_mlm = False  # the MLM decoder on every word: static shapes, same loss
-        self.compiled = _Compiled(self.train_model, mode, self.device, self.progress, settings.desc)
+        self.compiled = CompiledStep(self.train_model, mode, self.device, self.progress.write,
+                                     settings.desc)
         self.trackers = open_trackers(settings.log_path, info.is_main)  # run.tensorboard / wandb
         self.losses = _LossSums()
         self.lr, self.data_wait = 0.0, 0.0
