@@ -131,6 +131,8 @@ PROVENANCE_REASONS = {
     # these two change numbers within rounding on CUDA (as precision does, which is hashed)
     "compile": "torch.compile of the same model and step (train/loop.py)",
     "tf32": "TF32 tensor cores for fp32 matmuls on CUDA",
+    "tensorboard": "a copy of the log's numbers as TensorBoard events (train/trackers.py)",
+    "wandb": "a copy of the log's numbers in a W&B run (train/trackers.py)",
     **{f"{s}.optim.micro_batch_size": "gradient accumulation: the same update as the whole batch "
        "(tests/test_train_accumulation.py)" for s in ("bert", "pretrain", "finetune")},
 }
