@@ -527,6 +527,9 @@ def test_write_report(report, table5):
     assert "`demo` profile" in text and SYNTHETIC_FP in text
     assert "- **Model:** `tiny` preset" in text
     assert "0.1.0+abcd1234" in text and "torch 2.13.0" in text
+    # how the stages ran (issue 13's switches), read from their config.json
+    assert "- **Execution** (changes numbers within rounding only; not in stage ids): " \
+           "torch.compile auto, TF32 allowed (CUDA)" in text
     # 30 fine-tuning runs done x 0.1 + 4 pretraining stages x 4.0
     done = sum(1 for runs in CELLS.values() for _s, st, _a in runs if st == "done")
     assert f"{done * 0.1 + 16:.2f} GPU-hours" in text

@@ -203,6 +203,15 @@ def warning_block(spec: ReportSpec, synthetic: bool, fingerprints: Sequence[str]
     )
 
 
+def execution_settings(configs: Mapping[str, Mapping[str, dict[str, Any]]]) -> list[str]:
+    """How the stages ran, as their config.json says: torch.compile mode and TF32 (issue 13's
+    switches, provenance), each distinct setting once."""
+    found = {(str(c.get("compile", "auto")), bool(c.get("tf32", True)))
+             for cfgs in configs.values() for c in cfgs.values()}
+    return [f"torch.compile {mode}, TF32 {'allowed' if tf32 else 'off'} (CUDA)"
+            for mode, tf32 in sorted(found)]
+
+
 def provenance(spec: ReportSpec, frame: pd.DataFrame,
                configs: Mapping[str, Mapping[str, dict[str, Any]]], synthetic: bool) -> str:
     done = frame[frame["state"] == DONE]
@@ -240,8 +249,10 @@ def provenance(spec: ReportSpec, frame: pd.DataFrame,
     lines.append(f"- **Compute:** {gpu_h:.2f} GPU-hours, {wall_h:.2f} h of run time, over "
                  f"{len(stages)} finished stages (shared pretraining counted once)")
     lines.append("- **Runs:** " + _state_summary(frame))
+    lines.append("- **Execution** (changes numbers within rounding only; not in stage ids): "
+                 + (", ".join(md_text(e) for e in execution_settings(configs)) or "unknown"))
     for key, value in spec.notes.items():
-        if key not in ("model preset", "model_preset") and value not in (None, "", [], {}, ()):
+        if value not in (None, "", [], {}, ()):
             lines.append(f"- **{md_text(key)}:** {md_text(_fmt(value))}")
     return "\n".join(lines)
 
