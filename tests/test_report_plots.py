@@ -113,7 +113,7 @@ def test_bars_explain_their_marks_and_fit_the_axis_to_the_values(tmp_path, saved
     # values 49.9 .. 55.6: the axis starts within a few points of them, not at 0 nor near the
     # paper's 79 (VQA) / 74.9 (NLVR2), and the note says it does not start at 0
     assert 45 < low < 49.9 and 55.6 < high < 60
-    assert f"the axis starts at {low:g}, not 0" in note
+    assert f"the axis starts at {low:.1f}, not 0" in note
     _, fig_nlvr2, _ = saved[1]
     low, _high = fig_nlvr2.axes[0].get_ylim()
     assert low > 45  # NLVR2's axis once started near 37

@@ -126,7 +126,7 @@ def plot_task_bars(frame: pd.DataFrame, spec: ReportSpec, out_dir: str | os.Path
         seeds = data.groupby("variant")["seed"].nunique()
         marks = (f"bar: mean over {_count_text(seeds)} seeds; error bar: ±1 std over seeds; "
                  "dot: one seed" + ("; red diamond: the paper's number" if paper else "")
-                 + (f"; the axis starts at {low:g}, not 0" if low > 0 else ""))
+                 + (f"; the axis starts at {low:.1f}, not 0" if low > 0 else ""))
         ax.set_xlim(-0.6, len(order) - 0.4)  # room for a missing first or last bar's note
         for i, v in enumerate(order):
             if v in missing:
