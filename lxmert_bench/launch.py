@@ -163,9 +163,9 @@ class ResourceProfile:
     array_parallelism: int = 256
     max_array_size: int = 1000
     local_parallelism: int | None = None
+    path: str = ""
     # measured samples/s per GPU by stage kind, with the GPU type (plan's GPU-hour estimates)
     throughput: dict[str, Any] = field(default_factory=dict)
-    path: str = ""
 
     def for_kind(self, kind: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         res = dict(self.kinds.get(kind, {}))
@@ -213,19 +213,19 @@ def load_resource_profile(name: str) -> ResourceProfile:
         problems += [f"{path}: {kind}.{k}: unknown resource (known: {sorted(SLURM_RESOURCE_KEYS)})"
                      for k in res if k not in SLURM_RESOURCE_KEYS]
         problems += [f"{path}: {kind}.{p}" for p in resource_problems(res)]
+        kinds[kind] = res
     if "throughput" in data:
         from lxmert_bench.plan import throughput_problems
 
         problems += [f"{path}: {p}" for p in throughput_problems(data["throughput"])]
-        kinds[kind] = res
     if problems:
         raise ResourceError("\n".join(problems))
     return ResourceProfile(
         name=str(data.get("name", path.stem)), kinds=kinds,
         array_parallelism=int(data.get("array_parallelism", 256)),
         max_array_size=int(data.get("max_array_size", 1000)),
-        throughput=data.get("throughput") or {},
         local_parallelism=data.get("local_parallelism"), path=str(path),
+        throughput=data.get("throughput") or {},
     )
 
 
