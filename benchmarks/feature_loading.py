@@ -4,7 +4,7 @@ Generates (or reuses) an obj36 TSV of random features, converts it into a store,
 side in its own subprocess pinned to one core (so peaks are separate):
 
 * store: time and RSS growth to open (+ the first id lookup); random-batch throughput
-  (``get_batch`` of ``--batch`` random rows, all fields, float32 out), first with the store's pages
+  (``get_row`` of ``--batch`` random rows, as the task readers do, all fields, float32 out), first with the store's pages
   evicted from the page cache (``posix_fadvise(DONTNEED)`` on our own files only), then warm
   (the same batches again);
 * official: ``load_obj_tsv`` as in ``airsplay/lxmert src/utils.py`` (csv.DictReader, base64 ->
@@ -98,9 +98,9 @@ def child_store(store_dir: str, batch: int, batches: int) -> dict:
         reset_peak()
         start = proc_status()
         t0 = time.perf_counter()
-        for r in rows:
-            out = store.get_batch(r)
-            assert out["features"].shape[0] == batch
+        for r in rows:  # what the task readers do: one image at a time (tasks.ImageFeatures)
+            out = [store.get_row(i) for i in r.tolist()]
+            assert len(out) == batch and out[0]["features"].dtype == np.float32
         took = time.perf_counter() - t0
         end = proc_status()
         timings[phase] = {"s": took, "images_per_s": batch * batches / took,

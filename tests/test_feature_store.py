@@ -206,30 +206,29 @@ def test_store_float16_within_half_precision(tsv, tmp_path):
     path, items = tsv
     store = convert_tsvs([path], tmp_path / "half", feature_dtype="float16", progress=False)
     assert store.features.dtype == np.float16 and store.feature_dtype == "float16"
-    got = store.get_batch(range(12))["features"]
+    got = np.stack([store.get_row(i)["features"] for i in range(12)])
     assert got.dtype == np.float32
     want = np.stack([i["features"] for i in items])
     np.testing.assert_allclose(got, want, rtol=2**-11, atol=1e-6)
     assert not np.array_equal(got, want)  # really rounded, not a float32 copy
     assert got.tobytes() == want.astype(np.float16).astype(np.float32).tobytes()  # exact widening
     assert store.get(items[5]["img_id"])["features"].tobytes() == got[5].tobytes()
-    half = store.get_batch([5, 1], features_dtype=None)["features"]
+    half = store.features[[5, 1]]  # the stored half floats, as the memory map holds them
     assert half.dtype == np.float16 and half.tobytes() == want[[5, 1]].astype(np.float16).tobytes()
     assert store.features.nbytes == want.nbytes // 2
 
 
-def test_get_batch_keeps_the_requested_order(tsv, tmp_path):
+def test_get_row_reads_any_row_in_any_order(tsv, tmp_path):
     path, items = tsv
     store = convert_tsvs([path], tmp_path / "store", progress=False)
-    rows = [7, 2, 11, 2, 0]
-    batch = store.get_batch(np.array(rows))
-    assert batch["features"].shape == (5, BOXES, DIM)
-    for k, r in enumerate(rows):
-        assert batch["features"][k].tobytes() == items[r]["features"].tobytes()
-        assert batch["boxes"][k].tobytes() == official_boxes(items[r]).tobytes()
-        assert batch["img_w"][k] == items[r]["img_w"]
+    for r in [7, 2, 11, 2, 0]:
+        item = store.get_row(r)
+        assert item["features"].shape == (BOXES, DIM)
+        assert item["features"].tobytes() == items[r]["features"].tobytes()
+        assert item["boxes"].tobytes() == official_boxes(items[r]).tobytes()
+        assert item["img_w"] == items[r]["img_w"]
     with pytest.raises(IndexError, match="row 12 out of range for 12 images"):
-        store.get_batch([1, 12])
+        store.get_row(12)
 
 
 def test_unknown_image_names_store_and_id(tsv, tmp_path):

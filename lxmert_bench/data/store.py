@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -228,40 +228,6 @@ class FeatureStore:
         item["img_h"] = int(self.img_h[row])
         item["img_w"] = int(self.img_w[row])
         return item
-
-    def get_batch(self, rows: Sequence[int] | np.ndarray,
-                  features_dtype: str | None = "float32") -> dict[str, np.ndarray]:
-        """Stacked arrays for ``rows`` in the given order; the file is read in sorted row order.
-
-        ``features_dtype=None`` keeps the stored dtype (float16 stores: half the bytes to move
-        to a GPU, where widening is free)."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if rows.size and (rows.min() < 0 or rows.max() >= n):
-            bad = int(rows[(rows < 0) | (rows >= n)][0])
-            raise IndexError(f"{self.path}: row {bad} out of range for {n} images")
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        feats = self.features
-        if features_dtype is not None and np.dtype(features_dtype) != np.float32:
-            raise ValueError(f"features_dtype must be 'float32' or None, got {features_dtype!r}")
-        out_dtype = feats.dtype if features_dtype is None else np.dtype(np.float32)
-        gathered = np.empty((rows.size, *feats.shape[1:]), dtype=out_dtype)
-        # one copy per image straight from the map into its slot (a fancy-index gather followed
-        # by a reorder would copy the biggest array twice)
-        pairs = zip(order.tolist(), sorted_rows.tolist())
-        if out_dtype == feats.dtype:
-            for dst, src in pairs:
-                gathered[dst] = feats[src]
-        else:
-            _widen_rows(feats, pairs, gathered)
-        batch: dict[str, np.ndarray] = {"features": gathered}
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(rows.size)
-        for name in ("boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
-                     "img_h", "img_w"):
-            batch[name] = self._array(name)[sorted_rows][inverse]
-        return batch
 
     # -- pickling (DataLoader workers) -------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
