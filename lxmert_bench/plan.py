@@ -221,8 +221,10 @@ def variant_stages(
         if pre_stage is None and pretrain.init == "bert":
             ft = replace(ft, bert_layers=pretrain.bert_layers,
                          init_checkpoint=pretrain.bert_checkpoint if bert_stage is None else None)
-        if pre_stage is None:
-            ft = replace(ft, load_qa_head=False)  # there is no pretrained QA head to transfer
+        if pre_stage is None or not pretrain.qa:
+            # no pretrained QA head to transfer (as the official code's --loadLXMERT, not
+            # --loadLXMERTQA, for a pretraining without the QA task: Table 4's P20 rows)
+            ft = replace(ft, load_qa_head=False)
         fst = Stage(RunConfig(kind="finetune", seed=seed, finetune=ft, init_from=init_from, **common),
                     deps=[init_from] if init_from else [])
         stages.append(fst)

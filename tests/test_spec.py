@@ -53,6 +53,19 @@ def test_shipped_specs_are_valid(shipped, profile):
     assert spec.reference_variant in [v.name for v in spec.variants]
 
 
+def test_fine_tunings_after_a_pretraining_without_qa_do_not_load_a_qa_head(tmp_path):
+    """Table 4's P20 rows pretrain without the QA task, so there is no QA head to transfer: their
+    VQA/GQA fine-tunings start like the official --loadLXMERT (they failed with 'no pretrained QA
+    head' when planned with the default load_qa_head: true); P10+QA10's keep loading it."""
+    from lxmert_bench.plan import make_plan
+
+    plan = make_plan(load_spec(REPO / "ablations" / "qa_pretraining.yaml", "test"), tmp_path)
+    loads = {(e.variant, e.task): plan.stages[e.finetune].config.finetune.load_qa_head
+             for e in plan.entries if e.task != "nlvr2"}
+    assert loads == {(v, t): v.startswith("P10+QA10") for v, t in loads}, loads
+    assert {v for v, _ in loads} == {"P20 + DA", "P20 + FT", "P10+QA10 + DA", "P10+QA10 + FT"}
+
+
 # (description, spec text, --set overrides, expected fragments of the message)
 BAD_SPECS = [
     ("unknown top-level key with did-you-mean",
