@@ -177,7 +177,6 @@ def check_data_root(root: str | Path, needs: list[tuple[str, str]]) -> list[str]
     return problems
 
 
-
 def _json_problem(path: Path, what: str) -> str | None:
     """Whether a JSON file parses, checked before any stage starts rather than hours into one."""
     try:
