@@ -10,13 +10,13 @@ logged loss is the all-reduced sum of loss x share.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import free_port
 
 from lxmert_bench.config import DataConfig, PretrainConfig
 from lxmert_bench.data.root import ensure_data_root
@@ -52,12 +52,6 @@ def new_model(num_answers: int) -> LxmertForPretraining:
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, root: str, out_dir: str) -> None:
@@ -104,7 +98,7 @@ def test_two_gloo_ranks_give_the_losses_and_gradients_of_one_process(root, tmp_p
     one = {k: float(out["losses"][k]) for k in NAMES}
     g1 = grads(model)
 
-    mp.spawn(_rank, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), root, str(tmp_path)), nprocs=2, join=True)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     for k in NAMES:
         assert two["global"]["losses"][k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
@@ -139,7 +133,7 @@ def test_pretraining_stage_with_two_ranks_logs_the_one_process_losses(root, tmp_
     for name in ("one", "two"):
         dirs[name] = RunDir(tmp_path / name, cfg.stage_id)
         dirs[name].write_config(cfg)
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     ranks = [subprocess.Popen([sys.executable, "-m", "lxmert_bench.train.stages", str(dirs["two"].path)],

@@ -7,9 +7,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from _helpers import synthetic_data
 
 from lxmert_bench.config import TASK_DEFAULTS, DataConfig, PretrainConfig, RunConfig
-from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import (
     GQADataset,
     ImageFeatures,
@@ -25,10 +25,7 @@ SPLITS = ("mscoco_train", "mscoco_nominival", "vgnococo")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> DataConfig:
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
-                     synthetic_images=100)
-    ensure_data_root(cfg)
-    return cfg
+    return synthetic_data(tmp_path_factory, images=100)
 
 
 def test_datasets_give_the_first_n_boxes(data):

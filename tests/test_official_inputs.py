@@ -8,10 +8,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+from _helpers import synthetic_data
 
 from lxmert_bench.config import PretrainConfig, RunConfig
 from lxmert_bench.data.pretrain import IGNORE, PretrainExamples
-from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.train.common import load_tokenizer
 from lxmert_bench.train.loop import example_rng
@@ -23,12 +23,7 @@ OFF = dict(mask_lm=False, matched=False, visual_losses=(), qa=False)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from lxmert_bench.config import DataConfig
-
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
-                     synthetic_images=120)
-    ensure_data_root(cfg)
-    return cfg
+    return synthetic_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _helpers import free_port
 from _slurm_stages import (
     accounting_history,
     assert_same_weights,
@@ -98,15 +98,9 @@ except StopRequested as stop:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_ranks(run: RunDir, tmp_path: Path, timeout_s: float | None = None) -> list[subprocess.Popen]:
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0"}
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0"}
     if timeout_s is not None:
         env[DIST_TIMEOUT_ENV] = str(timeout_s)
     return [subprocess.Popen([sys.executable, "-c", RANK_MAIN, str(run.workdir), run.stage_id],

@@ -8,9 +8,9 @@ import json
 import math
 
 import pytest
+from _helpers import synthetic_data
 
 from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig, RunConfig
-from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.model import LxmertConfig
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.stages import run_stage
@@ -21,10 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> DataConfig:
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
-                     synthetic_images=120, image_limit=6)
-    ensure_data_root(cfg)
-    return cfg
+    return synthetic_data(tmp_path_factory, image_limit=6)
 
 
 def _config(data: DataConfig, **run) -> RunConfig:

@@ -7,7 +7,6 @@ batch is refused before anything runs (exit 2) and by the loop."""
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from _helpers import free_port
 from test_train_loop import ToyData, make_model, read_log, settings, step
 
 from lxmert_bench.cli import main
@@ -142,12 +142,6 @@ def test_pretraining_micro_batches_normalise_by_the_whole_batch_label_counts(roo
 
 
 # --- DDP: two gloo ranks, each accumulating, equal one process ---------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -174,7 +168,7 @@ def test_two_ranks_accumulating_with_no_sync_equal_one_process(tmp_path):
     one = make_model(dropout=0.0)
     train(one, ToyData(), step, settings(tmp_path / "one", optim=OPTIM))
     two = tmp_path / "two"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(two)), nprocs=2, join=True)
     final = torch.load(two / "final.pt")
     assert final["steps"] == 10
     # per rank: 4 examples of each global batch of 8, in 2 micro-steps; only the last syncs
@@ -220,7 +214,7 @@ def test_bert_stage_two_ranks_and_micro_batches_equal_one_process(root, tmp_path
     train(micro, data, _bert_step, settings(tmp_path / "micro", optim=replace(optim, micro_batch_size=4)),
           label_counts=bert_stage.label_counts)
     _same_parameters(micro, model.state_dict(), atol=2e-6)
-    mp.spawn(_bert_worker, args=(2, _free_port(), root, str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_bert_worker, args=(2, free_port(), root, str(tmp_path / "two")), nprocs=2, join=True)
     _same_parameters(model, torch.load(tmp_path / "two" / "final.pt"), atol=2e-6)
     # micro-batches averaging over their own labelled words (as the BERT stage's DDP ranks did
     # before) give another update

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _helpers import free_port
 from torch import nn
 
 from lxmert_bench.config import OptimConfig
@@ -196,12 +196,6 @@ def test_non_finite_loss_stops_with_the_step_and_loss(tmp_path):
 
 
 # --- DDP: two gloo processes vs one process, same global batch -------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -223,7 +217,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     train(model, ToyData(), step,
           settings(one, optim=OptimConfig(lr=1e-2, batch_size=8, epochs=2, warmup=0.1)))
     two = tmp_path / "two"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(two)), nprocs=2, join=True)
     final = torch.load(two / "final.pt")
     assert final["steps"] == 10
     for k, v in model.state_dict().items():

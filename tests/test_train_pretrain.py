@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import synthetic_data
 
 from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig, RunConfig
 from lxmert_bench.data.pretrain import IGNORE, PretrainExamples
-from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.model import LxmertConfig, LxmertForPretraining
 from lxmert_bench.model.weights import load_weights
@@ -28,10 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> DataConfig:
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
-                     synthetic_images=120)
-    ensure_data_root(cfg)
-    return cfg
+    return synthetic_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

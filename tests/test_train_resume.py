@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import free_port, synthetic_data
 
 from lxmert_bench.config import TASK_DEFAULTS, DataConfig, OptimConfig, PretrainConfig, RunConfig
-from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.model import LxmertConfig
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.loop import load_checkpoint
@@ -29,10 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> DataConfig:
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
-                     synthetic_images=120, image_limit=6)
-    ensure_data_root(cfg)
-    return cfg
+    return synthetic_data(tmp_path_factory, image_limit=6)
 
 
 def stage_cmd(rd: RunDir) -> list[str]:
@@ -152,12 +148,6 @@ def test_finetune_resumes_after_a_failure_with_best_epoch_and_predictions(tmp_pa
     assert strip_timing(cut.log_path) == strip_timing(ref.log_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path, data):
     """The real pretraining model with two gloo ranks (the environment torchrun sets): losses that
     are means over examples (matching; visual losses over all boxes) make the 2 x 8 sharded global
@@ -169,7 +159,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, data):
                     log_every=1, checkpoint_every=2, device="cpu")
     one = prepare(tmp_path / "one", cfg)
     two = prepare(tmp_path / "two", cfg)
-    port = str(_free_port())
+    port = str(free_port())
     ranks = [subprocess.Popen(stage_cmd(two), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
