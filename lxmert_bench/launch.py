@@ -1117,16 +1117,11 @@ def _sigint_ignored(active: bool) -> Iterator[None]:
     if not active:
         yield
         return
-    # blocked as well as ignored: a Ctrl-C during the submit stays pending (Linux never discards
-    # a blocked signal) and reaches this launcher once it is unblocked below, instead of being
-    # lost while the stage it was meant for ends interrupted (the stage unblocks it for itself)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _stop_local(workdir: Path, running: dict[str, submitit.Job], grace_s: float = 10.0) -> None:

@@ -160,9 +160,15 @@ def test_cancel_stops_a_local_run_within_seconds(tmp_path, capsys):
     assert all(RunDir(wd, s).is_done() for s in plan.stages)
 
 
+def _as_in_a_terminal() -> None:
+    """A terminal's command has SIGINT at its default; one started from a background shell job
+    (CI scripts) inherits it ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_the_truth_and_a_plain_rerun_continues(tmp_path):
-    spec, wd, args, plan, pre, proc = _run_until_pretraining_logs(tmp_path,
-                                                                  start_new_session=True)
+    spec, wd, args, plan, pre, proc = _run_until_pretraining_logs(
+        tmp_path, start_new_session=True, preexec_fn=_as_in_a_terminal)
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the whole group
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

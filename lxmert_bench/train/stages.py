@@ -68,8 +68,6 @@ def signals_interrupt() -> Iterator[None]:
         raise StageInterrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    # a local stage inherits SIGINT blocked from its launcher's submit (launch._sigint_ignored)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(previous))
     try:
         yield
     finally:
