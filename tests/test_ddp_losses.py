@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _helpers import free_port
+from _helpers import free_port, synthetic_data
 
 from lxmert_bench.config import DataConfig, PretrainConfig
 from lxmert_bench.data.root import ensure_data_root
@@ -80,10 +80,7 @@ def _rank(rank: int, world: int, port: int, root: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
-                     synthetic_images=120)
-    ensure_data_root(cfg)
-    return cfg.root
+    return synthetic_data(tmp_path_factory).root
 
 
 def test_two_gloo_ranks_give_the_losses_and_gradients_of_one_process(root, tmp_path, one_thread):

@@ -14,12 +14,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from _helpers import free_port
+from _helpers import free_port, synthetic_data
 from test_train_loop import ToyData, make_model, read_log, settings, step
 
 from lxmert_bench.cli import main
 from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig
-from lxmert_bench.data.root import ensure_data_root
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.model import LxmertConfig, LxmertForPretraining
 from lxmert_bench.model.bert import BertForMaskedLM
@@ -81,10 +80,7 @@ def test_plan_refuses_micro_batches_that_do_not_divide_the_batch(tmp_path, capsy
 # --- the token-averaged pretraining losses ---------------------------------------------------
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("data") / "syn"), synthetic=True,
-                     synthetic_images=120)
-    ensure_data_root(cfg)
-    return cfg.root
+    return synthetic_data(tmp_path_factory).root
 
 
 class _Fixed:
