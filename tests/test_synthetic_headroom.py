@@ -33,15 +33,17 @@ def root(tmp_path_factory):
 
 
 def test_text_alone_does_not_answer(headroom, root):
-    load = headroom._load
-    vqa = headroom.text_floor(load(root, "vqa/train.json"), load(root, "vqa/minival.json"),
-                              "sent", lambda d, a: min(1.0, d["label"].get(a, 0)))
-    gqa = headroom.text_floor(load(root, "gqa/train.json"), load(root, "gqa/testdev.json"),
-                              "sent", lambda d, a: float(a in d["label"]))
-    nlvr2 = headroom.text_floor(load(root, "nlvr2/train.json"), load(root, "nlvr2/valid.json"),
-                                "sent", lambda d, a: float(a == d["label"]))
-    assert 20 < vqa < 60 and 10 < gqa < 45
-    assert nlvr2 == pytest.approx(50.0)
+    floors = headroom.text_floors(root)
+    assert set(floors) == {"VQA", "GQA", "NLVR2"}
+    assert 20 < floors["VQA"] < 60 and 10 < floors["GQA"] < 45
+    assert floors["NLVR2"] == pytest.approx(50.0)
+
+
+def test_text_only_answers_fall_back_to_the_most_frequent_answer(headroom):
+    train = [{"sent": "a?", "label": {"x": 1}}, {"sent": "a?", "label": {"y": 0.3}},
+             {"sent": "b?", "label": {"y": 1}}, {"sent": "c?", "label": {"y": 0.6}}]
+    dev = [{"id": 1, "sent": "a?"}, {"id": 2, "sent": "never seen?"}]
+    assert headroom.text_only_answers(train, dev, "id") == {1: "x", 2: "y"}
 
 
 def test_detected_labels_settle_most_matching_pairs(headroom, root):
