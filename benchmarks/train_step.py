@@ -4,6 +4,7 @@
     python benchmarks/train_step.py step --device cuda    # the GPU targets: every setting
     python benchmarks/train_step.py loader                # examples/s the loader makes (CPU)
     python benchmarks/train_step.py demo                  # tiny model on the synthetic benchmark
+    python benchmarks/train_step.py padding               # demo stages: data.pad_to's two values
 
 ``step``: the base model's pretraining step (all five tasks: forward, backward, gradient clipping,
 BertAdam) run by the stages' own loop (``train.loop.train``: micro-batches, compile, no host sync
@@ -23,6 +24,12 @@ pretrained on the profile's schedule, then fine-tuned on VQA, GQA and NLVR2; and
 fine-tunings from scratch (Table 3's "Train + scratch"). Prints the dev metrics of both, the gain
 from pretraining and the wall time of each stage. ``--pretrain-epochs``, ``--pretrain-lr``,
 ``--finetune-epochs``, ``--finetune-lr``, ``--images`` and ``--seed`` change the schedule.
+
+``padding``: the demo profile's stages as its specs plan them (tiny model, compact synthetic
+benchmark, one thread): a pretraining and the VQA, GQA and NLVR2 fine-tunings, each run for
+``--steps`` steps (default 60) with ``data.pad_to: max_length`` and with ``longest``, alternated
+over ``--rounds`` (default 2) in one process. Prints the training samples/s of each (the median
+log window, from log.jsonl) and the ratio longest / max_length.
 """
 
 from __future__ import annotations
@@ -294,13 +301,54 @@ def demo(workdir: Path, device: str, seed: int = 0, **schedule: float) -> dict:
             "pipeline_s": round(pipeline, 1), "threads": torch.get_num_threads()}
 
 
+def bench_padding(workdir: Path, steps: int, rounds: int) -> dict:
+    """Training samples/s of the demo profile's stages with either padding (see the docstring)."""
+    from lxmert_bench.plan import apply, make_plan
+    from lxmert_bench.spec import load_spec
+    from lxmert_bench.store import RunDir
+    from lxmert_bench.train.stages import run_stage
+
+    torch.set_num_threads(1)  # what a local stage gets with the demo's two at a time on 2 cores
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / "padding.yaml"
+    spec.write_text("name: padding\ntasks: [vqa, gqa, nlvr2]\nvariants:\n  Feat + Label: {}\n")
+    plan = make_plan(load_spec(spec, "demo"), workdir)
+    stages = {(st.config.finetune.task if st.kind == "finetune" else st.kind): st.config
+              for st in plan.stages.values() if st.kind in ("pretrain", "finetune")}
+    rows: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        for name, base in stages.items():
+            for pad in ("max_length", "longest"):
+                section = "finetune" if base.kind == "finetune" else "pretrain"
+                cfg = apply(base, {"data.pad_to": pad, "init_from": None, "log_every": 10,
+                                   "seed": 100 + r, f"{section}.optim.max_steps": steps})
+                rd = RunDir(workdir, cfg.stage_id)
+                rd.write_config(cfg)
+                run_stage(rd)
+                log = [json.loads(x) for x in rd.log_path.read_text().splitlines()]
+                windows = [x["samples_per_s"] for x in log if "loss" in x and x["step"] > 10]
+                rows.setdefault((name, pad), []).append(statistics.median(windows))
+                shutil.rmtree(rd.path)
+                print(f"round {r + 1} {name} pad_to={pad}: {rows[(name, pad)][-1]:.1f} samples/s",
+                      file=sys.stderr, flush=True)
+    out = []
+    for name in stages:
+        full, cut = (statistics.median(rows[(name, p)]) for p in ("max_length", "longest"))
+        out.append({"stage": name, "max_length_samples_per_s": round(full, 1),
+                    "longest_samples_per_s": round(cut, 1), "ratio": round(cut / full, 3)})
+    return {"what": "demo stages' training step, data.pad_to max_length vs longest",
+            "steps": steps, "rounds": rounds, "threads": torch.get_num_threads(), "rows": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["step", "loader", "demo"])
+    ap.add_argument("what", choices=["step", "loader", "demo", "padding"])
+    ap.add_argument("--rounds", type=int, default=2, help="padding: alternations of the two")
     ap.add_argument("--preset", default="base")
     ap.add_argument("--batch", type=int, default=None,
                     help="step: default 4 on CPU, 128 on GPU; loader: default 256")
-    ap.add_argument("--steps", type=int, default=None, help="step: timed steps (default 3 on CPU, 30 on GPU)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="step: timed steps (default 3 on CPU, 30 on GPU); padding: default 60")
     ap.add_argument("--warmup", type=int, default=None, help="step: untimed steps first (default 3 on CPU, 10 on GPU)")
     ap.add_argument("--settings", default=None,
                     help=f"step: comma-separated, of {', '.join(SETTINGS)} (default: "
@@ -336,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "loader":
         out = bench_loader(Path(args.workdir) / "loader-data", args.images or 2000, args.batch or 256,
                            args.batches, [int(w) for w in args.workers.split(",")], args.consume)
+    elif args.what == "padding":
+        out = bench_padding(Path(args.workdir) / "padding", args.steps or 60, args.rounds)
     else:
         out = demo(Path(args.workdir), args.device, args.seed, images=args.images,
                    pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,

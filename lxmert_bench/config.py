@@ -113,6 +113,11 @@ class DataConfig:
     synthetic_design: Literal["v1", "compact"] = added_later("v1")
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the memory-mapped store
     max_seq_length: int = 20
+    # Training batches' sentences: padded to max_seq_length (the official code: static shapes,
+    # which torch.compile and CUDA graphs want) or cut to the batch's longest one (fewer tokens per
+    # step on a CPU). Padding is masked, so the model computes the same, but dropout then draws
+    # fewer random numbers: the results differ in their bits, so the choice is part of a stage.
+    pad_to: Literal["max_length", "longest"] = added_later("max_length")
     image_limit: int | None = None  # like the official --tiny / --fast: first N images per split
     num_workers: int | None = provenance(None)  # DataLoader workers; None: 4 on CUDA, 0 on a CPU
     fingerprint: str = ""  # filled in by the planner

@@ -74,6 +74,7 @@ CHANGES: dict[str, tuple[Any, str, dict[str, Any]]] = {
     "data.synthetic_design": ("compact", "data_root", {}),
     "data.feature_dtype": ("float16", "pretrain_examples", {}),
     "data.max_seq_length": (8, "pretrain_examples", {}),
+    "data.pad_to": ("longest", "train_batches", {}),
     "data.image_limit": (10, "pretrain_examples", {}),
     "model.num_objects": (10, "pretrain_examples", {}),
     "bert.word_mask_rate": (0.5, "bert_examples", {}),
@@ -211,6 +212,20 @@ def w_pretrain_examples(cfg: RunConfig, tmp: Path) -> tuple:
     return len(examples), len(valid.entries), _summary(batch)
 
 
+def w_train_batches(cfg: RunConfig, tmp: Path) -> tuple:
+    """The batches the training loop reads (LoopSettings.from_run -> iterate_batches)."""
+    from lxmert_bench.train.common import load_tokenizer
+    from lxmert_bench.train.loop import LoopSettings, iterate_batches
+    from lxmert_bench.train.pretrain import load_corpora, make_examples, qa_start_epoch
+
+    p = cfg.pretrain
+    settings = LoopSettings.from_run(cfg, RunDir(tmp, cfg.stage_id), p.optim)
+    train, _valid = load_corpora(cfg)
+    examples = make_examples(p, train, load_tokenizer(cfg.data), qa_start_epoch(p, p.optim.epochs))
+    batch = next(iterate_batches(examples, [range(8)], 0, cfg.seed, pad_to=settings.pad_to))
+    return _summary(batch)
+
+
 def w_bert_examples(cfg: RunConfig, tmp: Path) -> tuple:
     from lxmert_bench.train.bert import SentenceExamples, corpus_sentences
     from lxmert_bench.train.common import load_tokenizer
@@ -340,7 +355,7 @@ def w_loop(cfg: RunConfig, tmp: Path) -> tuple:
 
 
 WITNESSES = {"pretrain_examples": w_pretrain_examples, "bert_examples": w_bert_examples,
-             "finetune_examples": w_finetune_examples, "finetune_loss": w_finetune_loss,
+             "finetune_examples": w_finetune_examples, "train_batches": w_train_batches, "finetune_loss": w_finetune_loss,
              "model": w_model, "data_root": w_data_root, "plan": w_plan, "loop": w_loop}
 
 

@@ -154,19 +154,48 @@ class _Examples(torch.utils.data.Dataset):
         return self.data.example(index, epoch, example_rng(self.seed, self.stream, epoch, index))
 
 
+# The tensors of a batch with one entry per word piece (their last dimension is max_seq_length).
+LANGUAGE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "masked_lm_labels")
+
+
+def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """``data.pad_to: longest``: the language tensors cut to the batch's longest sentence (the
+    attention mask's last 1); what is cut is padding the model masks out."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
+        return batch
+    longest = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+    return {k: v[:, :longest] if k in LANGUAGE_KEYS and isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+class _Collate:
+    """``data.collate``, then the padding policy (a class, not a closure: workers pickle it)."""
+
+    def __init__(self, data: TrainData, pad_to: str):
+        self.data, self.trim = data, pad_to == "longest"
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        batch = self.data.collate(examples)
+        return trim_padding(batch) if self.trim else batch
+
+
 def iterate_batches(
     data: TrainData, batches: Sequence[Sequence[int]], epoch: int, seed: int,
     stream: int = TRAIN_STREAM, num_workers: int = 0, pin_memory: bool = False,
+    pad_to: str = "max_length",
 ) -> Iterator[dict[str, Any]]:
-    """Collated batches of the given example indices (``num_workers`` processes build them)."""
+    """Collated batches of the given example indices (``num_workers`` processes build them),
+    padded as ``pad_to`` says (``data.pad_to``)."""
     keyed = [[(epoch, int(i)) for i in b] for b in batches]
+    collate = _Collate(data, pad_to)
     if num_workers <= 0:
         ds = _Examples(data, seed, stream)
         for b in keyed:
-            yield data.collate([ds[k] for k in b])
+            yield collate([ds[k] for k in b])
         return
     loader = torch.utils.data.DataLoader(
-        _Examples(data, seed, stream), batch_sampler=keyed, collate_fn=data.collate,
+        _Examples(data, seed, stream), batch_sampler=keyed, collate_fn=collate,
         num_workers=num_workers, pin_memory=pin_memory,
     )
     yield from loader
@@ -251,6 +280,7 @@ class LoopSettings:
     compile: str = "none"  # torch.compile mode of the training forward ("auto": see compile_mode)
     tf32: bool = True  # CUDA: TF32 for fp32 matmuls
     pin_memory: bool | None = None  # None: on CUDA
+    pad_to: str = "max_length"  # training batches' sentences (data.pad_to); evaluation pads fully
 
     @classmethod
     def from_run(cls, config: RunConfig, run_dir: RunDir, optim: OptimConfig,
@@ -263,7 +293,7 @@ class LoopSettings:
             checkpoint_every=config.checkpoint_every, device=config.device,
             precision=config.precision, num_workers=config.data.num_workers,
             eval_every_epoch=config.eval_every_epoch, desc=f"{config.kind} {config.content_hash()}",
-            compile=config.compile, tf32=config.tf32,
+            compile=config.compile, tf32=config.tf32, pad_to=config.data.pad_to,
         )
         return cls(**{**base, **stage})
 
@@ -521,7 +551,7 @@ class _Trainer:
         local = iter(iterate_batches(
             self.data, [shard(b, self.info) for b in todo], state.epoch, s.seed, TRAIN_STREAM,
             loader_workers(s.num_workers, self.device),
-            on_cuda if s.pin_memory is None else s.pin_memory))
+            on_cuda if s.pin_memory is None else s.pin_memory, s.pad_to))
         self.tick = time.perf_counter()
         for b in todo:
             t0 = time.perf_counter()
