@@ -199,14 +199,21 @@ def _summary(batch: dict[str, Any]) -> tuple:
     return tuple(out)
 
 
-def w_pretrain_examples(cfg: RunConfig, tmp: Path) -> tuple:
+def _pretraining_examples(cfg: RunConfig) -> tuple[Any, Any]:
+    """The pretraining stage's training examples and validation corpus."""
     from lxmert_bench.train.common import load_tokenizer
-    from lxmert_bench.train.loop import example_rng
     from lxmert_bench.train.pretrain import load_corpora, make_examples, qa_start_epoch
 
     p = cfg.pretrain
     train, valid = load_corpora(cfg)
     examples = make_examples(p, train, load_tokenizer(cfg.data), qa_start_epoch(p, p.optim.epochs))
+    return examples, valid
+
+
+def w_pretrain_examples(cfg: RunConfig, tmp: Path) -> tuple:
+    from lxmert_bench.train.loop import example_rng
+
+    examples, valid = _pretraining_examples(cfg)
     batch = examples.collate([examples.example(i, 0, example_rng(cfg.seed, 0, 0, i))
                               for i in range(24)])
     return len(examples), len(valid.entries), _summary(batch)
@@ -214,14 +221,10 @@ def w_pretrain_examples(cfg: RunConfig, tmp: Path) -> tuple:
 
 def w_train_batches(cfg: RunConfig, tmp: Path) -> tuple:
     """The batches the training loop reads (LoopSettings.from_run -> iterate_batches)."""
-    from lxmert_bench.train.common import load_tokenizer
     from lxmert_bench.train.loop import LoopSettings, iterate_batches
-    from lxmert_bench.train.pretrain import load_corpora, make_examples, qa_start_epoch
 
-    p = cfg.pretrain
-    settings = LoopSettings.from_run(cfg, RunDir(tmp, cfg.stage_id), p.optim)
-    train, _valid = load_corpora(cfg)
-    examples = make_examples(p, train, load_tokenizer(cfg.data), qa_start_epoch(p, p.optim.epochs))
+    settings = LoopSettings.from_run(cfg, RunDir(tmp, cfg.stage_id), cfg.pretrain.optim)
+    examples, _valid = _pretraining_examples(cfg)
     batch = next(iterate_batches(examples, [range(8)], 0, cfg.seed, pad_to=settings.pad_to))
     return _summary(batch)
 

@@ -162,7 +162,7 @@ def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
     """``data.pad_to: longest``: the language tensors cut to the batch's longest sentence (the
     attention mask's last 1); what is cut is padding the model masks out."""
     mask = batch.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return batch
     longest = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
     return {k: v[:, :longest] if k in LANGUAGE_KEYS and isinstance(v, torch.Tensor) else v
