@@ -5,6 +5,7 @@
     python benchmarks/train_step.py loader                # examples/s the loader makes (CPU)
     python benchmarks/train_step.py demo                  # tiny model on the synthetic benchmark
     python benchmarks/train_step.py padding               # demo stages: data.pad_to's two values
+    python benchmarks/train_step.py startup               # a stage's optimizer set-up, fresh process
 
 ``step``: the base model's pretraining step (all five tasks: forward, backward, gradient clipping,
 BertAdam) run by the stages' own loop (``train.loop.train``: micro-batches, compile, no host sync
@@ -30,6 +31,13 @@ benchmark, one thread): a pretraining and the VQA, GQA and NLVR2 fine-tunings, e
 ``--steps`` steps (default 60) with ``data.pad_to: max_length`` and with ``longest``, alternated
 over ``--rounds`` (default 2) in one process. Prints the training samples/s of each (the median
 log window, from log.jsonl) and the ratio longest / max_length.
+
+``startup``: what a stage's optimizer costs before its first step, in a fresh interpreter each
+time (as every stage starts): ``BertAdam`` as the stages build it (torch.optim.Optimizer's
+``add_param_group`` / ``zero_grad`` / ``state_dict`` / ``load_state_dict`` bound unwrapped) against
+the same class with torch's ``_disable_dynamo`` wrappers, whose first call imports torch._dynamo.
+Alternated over ``--rounds`` (default 2; 5 makes a steadier median); prints the median seconds of
+building the optimizer, one update, zero_grad and a state-dict round trip, and their ratio.
 """
 
 from __future__ import annotations
@@ -340,10 +348,53 @@ def bench_padding(workdir: Path, steps: int, rounds: int) -> dict:
             "steps": steps, "rounds": rounds, "threads": torch.get_num_threads(), "rows": out}
 
 
+STARTUP_SCRIPT = """
+import sys, time, torch
+from torch.optim import Optimizer
+from lxmert_bench.train.optim import BertAdam
+
+class Wrapped(BertAdam):  # torch's own methods, with their lazy torch._dynamo import
+    add_param_group = Optimizer.add_param_group
+    zero_grad = Optimizer.zero_grad
+    state_dict = Optimizer.state_dict
+    load_state_dict = Optimizer.load_state_dict
+
+cls = {"bertadam": BertAdam, "wrapped": Wrapped}[sys.argv[1]]
+model = torch.nn.Linear(128, 128)
+model(torch.ones(2, 128)).sum().backward()
+start = time.perf_counter()
+opt = cls(model.parameters(), lr=1e-4)
+opt.step()
+opt.zero_grad()
+opt.load_state_dict(opt.state_dict())
+print(time.perf_counter() - start, "torch._dynamo" in sys.modules)
+"""
+
+
+def bench_startup(rounds: int) -> dict:
+    """The optimizer's set-up in fresh interpreters, ours and torch's wrapped methods alternated."""
+    import subprocess
+
+    times: dict[str, list[float]] = {"bertadam": [], "wrapped": []}
+    dynamo: dict[str, bool] = {}
+    for _ in range(rounds):
+        for which in times:
+            out = subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, which], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            times[which].append(float(out[0]))
+            dynamo[which] = out[1] == "True"
+    ours, theirs = (statistics.median(times[k]) for k in ("bertadam", "wrapped"))
+    return {"what": "optimizer set-up (build, step, zero_grad, state-dict round trip), fresh process",
+            "rounds": rounds, "bertadam_s": round(ours, 4), "wrapped_s": round(theirs, 4),
+            "saved_s": round(theirs - ours, 3), "ratio_wrapped_over_ours": round(theirs / ours, 1),
+            "imports_torch_dynamo": dynamo}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["step", "loader", "demo", "padding"])
-    ap.add_argument("--rounds", type=int, default=2, help="padding: alternations of the two")
+    ap.add_argument("what", choices=["step", "loader", "demo", "padding", "startup"])
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="padding, startup: alternations of the two")
     ap.add_argument("--preset", default="base")
     ap.add_argument("--batch", type=int, default=None,
                     help="step: default 4 on CPU, 128 on GPU; loader: default 256")
@@ -384,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "loader":
         out = bench_loader(Path(args.workdir) / "loader-data", args.images or 2000, args.batch or 256,
                            args.batches, [int(w) for w in args.workers.split(",")], args.consume)
+    elif args.what == "startup":
+        out = bench_startup(args.rounds)
     elif args.what == "padding":
         out = bench_padding(Path(args.workdir) / "padding", args.steps or 60, args.rounds)
     else:

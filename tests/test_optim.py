@@ -119,3 +119,26 @@ def test_build_optimizer_switch():
     assert isinstance(opt, torch.optim.AdamW)
     with pytest.raises(ValueError, match="optim.optimizer"):
         build_optimizer(model.parameters(), OptimConfig(optimizer="sgd"), t_total=10)  # type: ignore[arg-type]
+
+
+def test_bert_adam_never_imports_dynamo(tmp_path):
+    """torch.optim.Optimizer's add_param_group / zero_grad / state_dict / load_state_dict import
+    torch._dynamo on first call (~2 s of every stage's start); BertAdam binds them unwrapped. A
+    fresh interpreter: build, step, zero the grads, save and resume the state."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from lxmert_bench.train.optim import BertAdam\n"
+        "m = torch.nn.Linear(3, 2)\n"
+        "opt = BertAdam(m.parameters(), lr=0.1)\n"
+        "m(torch.ones(1, 3)).sum().backward(); opt.step(); opt.zero_grad()\n"
+        "assert all(p.grad is None for p in m.parameters())\n"
+        "again = BertAdam(m.parameters(), lr=0.1); again.load_state_dict(opt.state_dict())\n"
+        "assert torch.equal(again.state[m.weight]['exp_avg'], opt.state[m.weight]['exp_avg'])\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "False"

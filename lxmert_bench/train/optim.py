@@ -20,6 +20,13 @@ from lxmert_bench.config import OptimConfig
 NO_BIAS_CORRECTION_STEP = 2.0**40
 
 
+def _undecorated(method: Any) -> Any:
+    """``method`` without the wrappers ``functools.wraps`` records (``__wrapped__``)."""
+    while hasattr(method, "__wrapped__"):
+        method = method.__wrapped__
+    return method
+
+
 class BertAdam(Optimizer):
     """Adam (b1 0.9, b2 0.999, eps 1e-6), no bias correction, decoupled weight decay 0.01.
 
@@ -50,6 +57,16 @@ class BertAdam(Optimizer):
             raise ValueError(f"BertAdam: invalid eps {eps} (expected >= 0)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.fused = fused
+
+    # torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
+    # torch._dynamo: ~2 s of every stage's start on a CPU (benchmarks/train_step.py startup),
+    # for a guard that matters only where dynamo traces the optimizer. The stages compile the
+    # model's forward at most (train/compile.py), never the optimizer, so BertAdam binds the
+    # wrapped functions themselves.
+    add_param_group = _undecorated(Optimizer.add_param_group)
+    zero_grad = _undecorated(Optimizer.zero_grad)
+    state_dict = _undecorated(Optimizer.state_dict)
+    load_state_dict = _undecorated(Optimizer.load_state_dict)
 
     def _use_fused(self, params: list[torch.Tensor]) -> bool:
         if self.fused is False or not hasattr(torch, "_fused_adamw_"):
