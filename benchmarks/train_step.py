@@ -20,11 +20,13 @@ memory-mapped feature store, masking, collation) produces for the base pretraini
 0..N worker processes, against a step's consumption rate (``--consume``, samples/s): the data
 wait a step would see.
 
-``demo``: the laptop pipeline of the ``demo`` profile: the synthetic benchmark, a ``tiny`` model
-pretrained on the profile's schedule, then fine-tuned on VQA, GQA and NLVR2; and the same
-fine-tunings from scratch (Table 3's "Train + scratch"). Prints the dev metrics of both, the gain
-from pretraining and the wall time of each stage. ``--pretrain-epochs``, ``--pretrain-lr``,
-``--finetune-epochs``, ``--finetune-lr``, ``--images`` and ``--seed`` change the schedule.
+``demo``: the stages of ``ablations/pretraining.yaml`` under the ``demo`` profile, one seed, as
+the planner makes them (the profile's synthetic design, model, per-task schedules and padding):
+the synthetic benchmark, a pretraining (P10+QA10), then fine-tuning on VQA, GQA and NLVR2; and the
+same fine-tunings from scratch (Table 3's "Train + scratch"), run one after another in this
+process. Prints the dev metrics of both, the gain from pretraining and the wall time of each
+stage. ``--pretrain-epochs``, ``--pretrain-lr``, ``--finetune-epochs`` and ``--finetune-lr`` (every
+task's), ``--images`` and ``--seed`` override the profile.
 
 ``padding``: the demo profile's stages as its specs plan them (tiny model, compact synthetic
 benchmark, one thread): a pretraining and the VQA, GQA and NLVR2 fine-tunings, each run for
@@ -51,7 +53,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_throughput import hf_loss, make_batch, ours_loss  # noqa: E402
 
-from lxmert_bench.config import TASK_DEFAULTS, DataConfig, OptimConfig, PretrainConfig, RunConfig  # noqa: E402
+from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig  # noqa: E402
 from lxmert_bench.model import LxmertConfig, LxmertForPretraining, load_weights  # noqa: E402
 from lxmert_bench.model.weights import hf_config  # noqa: E402
 from lxmert_bench.train.loop import LoopSettings, select_device, train  # noqa: E402
@@ -243,84 +244,74 @@ def bench_loader(root: Path, images: int, batch: int, batches: int, workers: lis
 
 
 # ---------------------------------------------------------------------------------------------
-def demo_schedule() -> dict[str, float]:
-    """The demo profile's schedules (profiles/demo.yaml), so this benchmark times what it runs."""
-    from lxmert_bench.spec import load_profile
-
-    o = load_profile("demo").overrides
-    return {"pretrain_epochs": o["pretrain.optim.epochs"], "pretrain_lr": o["pretrain.optim.lr"],
-            "pretrain_batch": o["pretrain.optim.batch_size"], "images": o["data.synthetic_images"],
-            "finetune_epochs": o["finetune.optim.epochs"], "finetune_lr": o["finetune.optim.lr"],
-            "finetune_batch": o["finetune.optim.batch_size"]}
+# The demo profile's stages, as its specs plan them (profiles/demo.yaml: design, model, per-task
+# schedules, padding), so these benchmarks time what `lxmert-bench run --profile demo` runs.
+DEMO_SCHEDULE_KEYS = {  # the options of `demo` and the keys each sets (every task's, for fine-tuning)
+    "images": ["data.synthetic_images"], "pretrain_epochs": ["pretrain.optim.epochs"],
+    "pretrain_lr": ["pretrain.optim.lr"],
+    "finetune_epochs": [f"finetune.{t}.optim.epochs" for t in ("vqa", "gqa", "nlvr2")],
+    "finetune_lr": [f"finetune.{t}.optim.lr" for t in ("vqa", "gqa", "nlvr2")]}
 
 
-def demo(workdir: Path, device: str, seed: int = 0, **schedule: float) -> dict:
-    """Pretraining then VQA / GQA / NLVR2 fine-tuning, and the same fine-tunings from scratch
-    (Table 3's "Train + scratch"), on the demo profile's schedule unless ``schedule`` says otherwise."""
+def demo_plan(workdir: Path, variants: str, sets: list[str] | None = None, seed: int = 0) -> Any:
+    """The plan of a spec with ``variants`` (YAML mapping text) on VQA, GQA and NLVR2 with one
+    ``seed``, under the demo profile and ``sets`` (``--set`` strings)."""
+    from lxmert_bench.plan import make_plan
+    from lxmert_bench.spec import load_spec
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / "bench.yaml"
+    spec.write_text(f"name: bench\ntasks: [vqa, gqa, nlvr2]\nseeds: [{seed}]\nvariants: {variants}\n")
+    return make_plan(load_spec(spec, "demo", sets or []), workdir)
+
+
+def demo(workdir: Path, seed: int = 0, **schedule: float | None) -> dict:
+    """The pretraining spec's two rows on the demo profile, one seed: pretraining (P10+QA10) then
+    VQA / GQA / NLVR2 fine-tuning, and the same fine-tunings from scratch (Table 3's "Train +
+    scratch"), run in this process in dependency order; ``schedule`` overrides the profile."""
     from lxmert_bench.data.root import ensure_data_root
-    from lxmert_bench.plan import synthetic_name
     from lxmert_bench.store import RunDir
     from lxmert_bench.train.stages import run_stage
 
-    sched = {**demo_schedule(), **{k: v for k, v in schedule.items() if v is not None}}
-    images = int(sched["images"])
-
-    data = DataConfig(synthetic=True, synthetic_images=images)
-    data = replace(data, root=str(workdir / "data" / synthetic_name(data)))
-    model = LxmertConfig.preset("tiny")
-    common = dict(model=model, data=data, log_every=10, checkpoint_every=200, device=device)
+    sets = [f"{key}={v}" for k, v in schedule.items() if v is not None for key in DEMO_SCHEDULE_KEYS[k]]
+    plan = demo_plan(workdir, "{Pre-train: {pretrain.qa_start: 0.5}, "
+                              "Train + scratch: {pretrain.enabled: false}}", sets, seed)
     timings: dict[str, float] = {}
+    results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    ensure_data_root(data)
+    ensure_data_root(next(iter(plan.stages.values())).config.data)
     timings["data"] = time.perf_counter() - t0
-
-    def stage(name: str, cfg: RunConfig) -> dict:
+    for st in plan.ordered():
+        cfg = st.config
+        variant = st.users[0][1]
+        name = st.kind if st.kind == "pretrain" else f"{cfg.finetune.task} ({variant})"
         rd = RunDir(workdir, cfg.stage_id)
         rd.write_config(cfg)
         t = time.perf_counter()
         result = run_stage(rd)
         timings[name] = time.perf_counter() - t
+        results[name] = {"steps": result["steps"], "metrics": result["metrics"]}
         print(f"{name}: {json.dumps(result['metrics'])} ({result['steps']} steps, "
               f"{timings[name]:.1f} s)", file=sys.stderr, flush=True)
-        return result
-
-    pre = RunConfig(kind="pretrain", seed=seed, pretrain=PretrainConfig(optim=OptimConfig(
-        batch_size=int(sched["pretrain_batch"]), epochs=int(sched["pretrain_epochs"]),
-        lr=sched["pretrain_lr"])), **common)
-    pre_result = stage("pretrain", pre)
-    results: dict = {"pretrain": {"steps": pre_result["steps"], "metrics": pre_result["metrics"]}}
-    for task in ("vqa", "gqa", "nlvr2"):
-        ft = replace(TASK_DEFAULTS[task], optim=replace(
-            TASK_DEFAULTS[task].optim, batch_size=int(sched["finetune_batch"]),
-            epochs=int(sched["finetune_epochs"]), lr=sched["finetune_lr"]))
-        with_pre = stage(f"{task} (pretrained)", RunConfig(kind="finetune", seed=seed, finetune=ft,
-                                                           init_from=pre.stage_id, **common))
-        scratch = stage(f"{task} (scratch)", RunConfig(
-            kind="finetune", seed=seed, finetune=replace(ft, load_qa_head=False), **common))
-        results[task] = {"pretrained": with_pre["metrics"], "scratch": scratch["metrics"],
-                         "gain": round(with_pre["metrics"]["accuracy"]
-                                       - scratch["metrics"]["accuracy"], 2),
-                         "steps": with_pre["steps"]}
-    pipeline = timings["data"] + timings["pretrain"] + sum(
-        v for k, v in timings.items() if k.endswith("(pretrained)"))
-    return {"what": "demo pipeline (tiny model, synthetic benchmark)", "schedule": sched,
-            "seed": seed,
-            "results": results, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    gains = {task: round(results[f"{task} (Pre-train)"]["metrics"]["accuracy"]
+                         - results[f"{task} (Train + scratch)"]["metrics"]["accuracy"], 2)
+             for task in ("vqa", "gqa", "nlvr2")}
+    pipeline = timings["data"] + sum(v for k, v in timings.items()
+                                     if k == "pretrain" or k.endswith("(Pre-train)"))
+    return {"what": "demo pipeline (the demo profile's stages, one seed, in one process)",
+            "overrides": sets, "seed": seed, "results": results, "gain_from_pretraining": gains,
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "pipeline_s": round(pipeline, 1), "threads": torch.get_num_threads()}
 
 
 def bench_padding(workdir: Path, steps: int, rounds: int) -> dict:
     """Training samples/s of the demo profile's stages with either padding (see the docstring)."""
-    from lxmert_bench.plan import apply, make_plan
-    from lxmert_bench.spec import load_spec
+    from lxmert_bench.plan import apply
     from lxmert_bench.store import RunDir
     from lxmert_bench.train.stages import run_stage
 
     torch.set_num_threads(1)  # what a local stage gets with the demo's two at a time on 2 cores
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec = workdir / "padding.yaml"
-    spec.write_text("name: padding\ntasks: [vqa, gqa, nlvr2]\nvariants:\n  Feat + Label: {}\n")
-    plan = make_plan(load_spec(spec, "demo"), workdir)
+    plan = demo_plan(workdir, "{Feat + Label: {}}")
     stages = {(st.config.finetune.task if st.kind == "finetune" else st.kind): st.config
               for st in plan.stages.values() if st.kind in ("pretrain", "finetune")}
     rows: dict[tuple[str, str], list[float]] = {}
@@ -440,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "padding":
         out = bench_padding(Path(args.workdir) / "padding", args.steps or 60, args.rounds)
     else:
-        out = demo(Path(args.workdir), args.device, args.seed, images=args.images,
+        out = demo(Path(args.workdir), args.seed, images=args.images,
                    pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
                    finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
     print(json.dumps(out, indent=2))
