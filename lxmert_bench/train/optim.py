@@ -21,10 +21,9 @@ NO_BIAS_CORRECTION_STEP = 2.0**40
 
 
 def _undecorated(method: Any) -> Any:
-    """``method`` without the wrappers ``functools.wraps`` records (``__wrapped__``)."""
-    while hasattr(method, "__wrapped__"):
-        method = method.__wrapped__
-    return method
+    """The function ``method``'s one decorator wraps (``functools.wraps``' ``__wrapped__``), or
+    ``method`` itself where it has none."""
+    return getattr(method, "__wrapped__", method)
 
 
 class BertAdam(Optimizer):
@@ -59,7 +58,7 @@ class BertAdam(Optimizer):
         self.fused = fused
 
     # torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
-    # torch._dynamo: ~2 s of every stage's start on a CPU (benchmarks/train_step.py startup),
+    # torch._dynamo: 1.4 s of every stage's start on a CPU (benchmarks/train_step.py startup),
     # for a guard that matters only where dynamo traces the optimizer. The stages compile the
     # model's forward at most (train/compile.py), never the optimizer, so BertAdam binds the
     # wrapped functions themselves.
