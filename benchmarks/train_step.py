@@ -53,12 +53,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_throughput import hf_loss, make_batch, ours_loss  # noqa: E402
 
@@ -253,29 +255,30 @@ DEMO_SCHEDULE_KEYS = {  # the options of `demo` and the keys each sets (every ta
     "finetune_lr": [f"finetune.{t}.optim.lr" for t in ("vqa", "gqa", "nlvr2")]}
 
 
-def demo_plan(workdir: Path, variants: str, sets: list[str] | None = None, seed: int = 0) -> Any:
-    """The plan of a spec with ``variants`` (YAML mapping text) on VQA, GQA and NLVR2 with one
-    ``seed``, under the demo profile and ``sets`` (``--set`` strings)."""
+def demo_plan(workdir: Path, spec_path: Path, sets: list[str] | None = None, seed: int = 0) -> Any:
+    """The plan of the spec at ``spec_path`` under the demo profile and ``sets`` (``--set``
+    strings), with one ``seed`` in place of the spec's seeds."""
     from lxmert_bench.plan import make_plan
     from lxmert_bench.spec import load_spec
 
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = workdir / "bench.yaml"
-    spec.write_text(f"name: bench\ntasks: [vqa, gqa, nlvr2]\nseeds: [{seed}]\nvariants: {variants}\n")
-    return make_plan(load_spec(spec, "demo", sets or []), workdir)
+    return make_plan(replace(load_spec(spec_path, "demo", sets or []), seeds=(seed,)), workdir)
 
 
 def demo(workdir: Path, seed: int = 0, **schedule: float | None) -> dict:
-    """The pretraining spec's two rows on the demo profile, one seed: pretraining (P10+QA10) then
-    VQA / GQA / NLVR2 fine-tuning, and the same fine-tunings from scratch (Table 3's "Train +
-    scratch"), run in this process in dependency order; ``schedule`` overrides the profile."""
+    """``ablations/pretraining.yaml``'s two rows on the demo profile, one seed: pretraining
+    (P10+QA10) then VQA / GQA / NLVR2 fine-tuning, and the same fine-tunings from scratch (Table
+    3's "Train + scratch"), run in this process in dependency order; ``schedule`` overrides the
+    profile."""
     from lxmert_bench.data.root import ensure_data_root
     from lxmert_bench.store import RunDir
     from lxmert_bench.train.stages import run_stage
 
     sets = [f"{key}={v}" for k, v in schedule.items() if v is not None for key in DEMO_SCHEDULE_KEYS[k]]
-    plan = demo_plan(workdir, "{Pre-train: {pretrain.qa_start: 0.5}, "
-                              "Train + scratch: {pretrain.enabled: false}}", sets, seed)
+    plan = demo_plan(workdir, REPO / "ablations" / "pretraining.yaml", sets, seed)
+    spec = plan.specs[0]
+    pretrained = spec.reference_variant
+    scratch = next(v.name for v in spec.variants if v.name != pretrained)
     timings: dict[str, float] = {}
     results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
@@ -293,11 +296,11 @@ def demo(workdir: Path, seed: int = 0, **schedule: float | None) -> dict:
         results[name] = {"steps": result["steps"], "metrics": result["metrics"]}
         print(f"{name}: {json.dumps(result['metrics'])} ({result['steps']} steps, "
               f"{timings[name]:.1f} s)", file=sys.stderr, flush=True)
-    gains = {task: round(results[f"{task} (Pre-train)"]["metrics"]["accuracy"]
-                         - results[f"{task} (Train + scratch)"]["metrics"]["accuracy"], 2)
-             for task in ("vqa", "gqa", "nlvr2")}
+    gains = {task: round(results[f"{task} ({pretrained})"]["metrics"]["accuracy"]
+                         - results[f"{task} ({scratch})"]["metrics"]["accuracy"], 2)
+             for task in spec.tasks}
     pipeline = timings["data"] + sum(v for k, v in timings.items()
-                                     if k == "pretrain" or k.endswith("(Pre-train)"))
+                                     if k == "pretrain" or k.endswith(f"({pretrained})"))
     return {"what": "demo pipeline (the demo profile's stages, one seed, in one process)",
             "overrides": sets, "seed": seed, "results": results, "gain_from_pretraining": gains,
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -311,7 +314,10 @@ def bench_padding(workdir: Path, steps: int, rounds: int) -> dict:
     from lxmert_bench.train.stages import run_stage
 
     torch.set_num_threads(1)  # what a local stage gets with the demo's two at a time on 2 cores
-    plan = demo_plan(workdir, "{Feat + Label: {}}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / "padding.yaml"
+    spec.write_text("name: padding\ntasks: [vqa, gqa, nlvr2]\nvariants:\n  Feat + Label: {}\n")
+    plan = demo_plan(workdir, spec)
     stages = {(st.config.finetune.task if st.kind == "finetune" else st.kind): st.config
               for st in plan.stages.values() if st.kind in ("pretrain", "finetune")}
     rows: dict[tuple[str, str], list[float]] = {}
@@ -342,13 +348,13 @@ def bench_padding(workdir: Path, steps: int, rounds: int) -> dict:
 STARTUP_SCRIPT = """
 import sys, time, torch
 from torch.optim import Optimizer
-from lxmert_bench.train.optim import BertAdam
+from lxmert_bench.train.optim import DYNAMO_GUARDED_METHODS, BertAdam
 
 class Wrapped(BertAdam):  # torch's own methods, with their lazy torch._dynamo import
-    add_param_group = Optimizer.add_param_group
-    zero_grad = Optimizer.zero_grad
-    state_dict = Optimizer.state_dict
-    load_state_dict = Optimizer.load_state_dict
+    pass
+
+for name in DYNAMO_GUARDED_METHODS:
+    setattr(Wrapped, name, getattr(Optimizer, name))
 
 cls = {"bertadam": BertAdam, "wrapped": Wrapped}[sys.argv[1]]
 model = torch.nn.Linear(128, 128)

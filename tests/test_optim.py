@@ -121,9 +121,9 @@ def test_build_optimizer_switch():
         build_optimizer(model.parameters(), OptimConfig(optimizer="sgd"), t_total=10)  # type: ignore[arg-type]
 
 
-def test_bert_adam_never_imports_dynamo(tmp_path):
+def test_bert_adam_never_imports_dynamo():
     """torch.optim.Optimizer's add_param_group / zero_grad / state_dict / load_state_dict import
-    torch._dynamo on first call (~2 s of every stage's start); BertAdam binds them unwrapped. A
+    torch._dynamo on first call (1.4 s of every stage's start); BertAdam binds them unwrapped. A
     fresh interpreter: build, step, zero the grads, save and resume the state."""
     import subprocess
     import sys

@@ -20,10 +20,12 @@ from lxmert_bench.config import OptimConfig
 NO_BIAS_CORRECTION_STEP = 2.0**40
 
 
-def _undecorated(method: Any) -> Any:
-    """The function ``method``'s one decorator wraps (``functools.wraps``' ``__wrapped__``), or
-    ``method`` itself where it has none."""
-    return getattr(method, "__wrapped__", method)
+# torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
+# torch._dynamo: 1.4 s of every stage's start on a CPU (benchmarks/train_step.py startup), for a
+# guard that matters only where dynamo traces the optimizer. The stages compile the model's
+# forward at most (train/compile.py), never the optimizer, so BertAdam binds the functions the
+# wrappers hold (``functools.wraps``' ``__wrapped__``; the method itself where there is none).
+DYNAMO_GUARDED_METHODS = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
 
 
 class BertAdam(Optimizer):
@@ -56,16 +58,6 @@ class BertAdam(Optimizer):
             raise ValueError(f"BertAdam: invalid eps {eps} (expected >= 0)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.fused = fused
-
-    # torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
-    # torch._dynamo: 1.4 s of every stage's start on a CPU (benchmarks/train_step.py startup),
-    # for a guard that matters only where dynamo traces the optimizer. The stages compile the
-    # model's forward at most (train/compile.py), never the optimizer, so BertAdam binds the
-    # wrapped functions themselves.
-    add_param_group = _undecorated(Optimizer.add_param_group)
-    zero_grad = _undecorated(Optimizer.zero_grad)
-    state_dict = _undecorated(Optimizer.state_dict)
-    load_state_dict = _undecorated(Optimizer.load_state_dict)
 
     def _use_fused(self, params: list[torch.Tensor]) -> bool:
         if self.fused is False or not hasattr(torch, "_fused_adamw_"):
@@ -122,6 +114,11 @@ class BertAdam(Optimizer):
                 torch._foreach_add_(updates, params, alpha=group["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-group["lr"])
         return loss
+
+
+for _name in DYNAMO_GUARDED_METHODS:
+    _method = getattr(Optimizer, _name)
+    setattr(BertAdam, _name, getattr(_method, "__wrapped__", _method))
 
 
 def warmup_linear(progress: float, warmup: float) -> float:
