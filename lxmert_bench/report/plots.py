@@ -224,8 +224,10 @@ def plot_stage_curves(curves: pd.DataFrame, spec: ReportSpec, out_dir: str | os.
         fig.tight_layout()
         paths.append(_save(fig, _png(out_dir, "stages_", "pretrain"), "\n".join(t for t in (
             note, "one row per pretraining stage; left: training loss of each task per logged "
-            "step; middle: validation loss of each task after each epoch; right: validation matching "
-            "accuracy (%; 50 is chance)")
+            "step; middle: validation loss of each task after each epoch (mlm_own_image / "
+            "mlm_other_image: the matched pairs' masked LM with their own image and with another, "
+            "apart once the text reads the image); right: validation matching accuracy (%; 50 is "
+            "chance)")
             if t)))
     fine = data[data["kind"] == "finetune"]
     for task in spec.tasks:

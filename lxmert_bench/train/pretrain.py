@@ -20,7 +20,7 @@ from lxmert_bench.config import PretrainConfig, RunConfig
 from lxmert_bench.data.pretrain import PretrainExamples
 from lxmert_bench.io import atomic_torch_save
 from lxmert_bench.model import LxmertForPretraining
-from lxmert_bench.model.heads import IGNORE, VISUAL_LOSSES
+from lxmert_bench.model.heads import IGNORE, VISUAL_LOSSES, masked_cross_entropy
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.distributed import current_dist_info, global_label_denominators
 from lxmert_bench.train.loop import (
@@ -110,6 +110,47 @@ def pretrain_train_forward(model: torch.nn.Module, batch: dict[str, Any], p: Pre
                             None if denominators is None else denominators[0])
 
 
+# Does the language side read the image? The validation masked-LM loss of the matched pairs with
+# their own image and with another image of the batch: equal while the masked words are guessed
+# from the text alone, apart once the model grounds them in the objects.
+IMAGE_READING = ("mlm_own_image", "mlm_other_image")
+
+
+def image_reading(model: torch.nn.Module, batch: dict[str, Any], out: dict[str, Any]
+                  ) -> dict[str, float]:
+    """The masked-LM loss summed over the matched pairs of ``batch`` whose neighbour in the batch
+    shows a different image (other boxes): with their own image (from ``out``, the validation
+    forward pass) and with the neighbour's (one more pass, of the same shapes, so a compiled
+    model is not recompiled), and the number of those masked words (``words``)."""
+    boxes, labels = batch["boxes"], batch["masked_lm_labels"]
+    other = torch.roll(torch.arange(boxes.shape[0], device=boxes.device), 1)
+    rows = (batch["matched_label"].reshape(-1) == 1) & (boxes != boxes[other]).flatten(1).any(1)
+    labels = torch.where(rows[:, None], labels, IGNORE)
+    words = int((labels != IGNORE).sum())
+    if not words:
+        return {}
+    swapped = model(batch["input_ids"], batch["attention_mask"], batch["feats"][other],
+                    boxes[other], masked_lm_labels=labels)
+    return {"words": float(words),
+            "mlm_own_image": float(masked_cross_entropy(
+                *_word_logits(out, batch["masked_lm_labels"], rows), words)) * words,
+            "mlm_other_image": float(masked_cross_entropy(
+                swapped["lm_logits"], swapped["lm_labels"], words)) * words}
+
+
+def _word_logits(out: dict[str, Any], labels: torch.Tensor, rows: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out``'s masked-LM logits and labels, flattened, with the labels outside ``rows``
+    ignored (the head returns [B, L, V] logits, or [N, V] for the N labelled words only)."""
+    logits, word_labels = out["lm_logits"], out["lm_labels"]
+    if logits.dim() == 3:
+        row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    else:
+        row_of = (labels != IGNORE).nonzero()[:, 0:1]
+    row_of, word_labels = row_of.reshape(-1), word_labels.reshape(-1)
+    return logits.reshape(-1, logits.shape[-1]), torch.where(rows[row_of], word_labels, IGNORE)
+
+
 def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: PretrainConfig,
                       seed: int, device: torch.device, precision: str) -> dict[str, float]:
     """Mean losses per task on the validation corpus (fixed masking: the same every epoch)."""
@@ -117,6 +158,7 @@ def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: Pre
     sums: dict[str, float] = {}
     seen = 0
     match_right = match_seen = 0  # image-sentence matching accuracy: a loss of 0.69 is chance
+    reading: dict[str, float] = {}  # image_reading's sums
     with torch.no_grad():
         for batch in eval_batches(examples, p.optim.batch_size, device, seed):
             k = batch_size_of(batch)
@@ -129,11 +171,19 @@ def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: Pre
                 labels = batch["matched_label"].reshape(-1)
                 match_right += int((out["match_logits"].argmax(-1) == labels).sum())
                 match_seen += int(labels.numel())
+            if p.mask_lm:
+                with autocast(device, precision):
+                    for name, value in image_reading(model, batch, out).items():
+                        reading[name] = reading.get(name, 0.0) + value
     losses = {name: s / seen for name, s in sums.items()}
     result = {"loss": sum(losses.values()), **losses}
     if match_seen:  # in %, like the fine-tuning accuracies; not a loss, so not in "loss"
         result["matched_accuracy"] = 100.0 * match_right / match_seen
+    if reading.get("words"):  # diagnostics, not in "loss" either
+        for which in IMAGE_READING:
+            result[which] = reading[which] / reading["words"]
     return result
+
 
 
 def build_model(config: RunConfig, num_answers: int) -> LxmertForPretraining:
@@ -226,10 +276,11 @@ def run_pretrain(config: RunConfig, run_dir: RunDir, info: DistInfo) -> dict[str
     # the losses are the stage's metrics (what reports tabulate and golden results pin); the
     # matching accuracy is logged per epoch in log.jsonl and kept beside them
     matched_accuracy = last.pop("matched_accuracy", None)
+    image_reading_losses = {which: last.pop(which) for which in IMAGE_READING if which in last}
     metrics = last
     return {
         "metrics": metrics, "last_metrics": metrics, "best_epoch": None,
-        "matched_accuracy": matched_accuracy,
+        "matched_accuracy": matched_accuracy, "image_reading": image_reading_losses or None,
         "history": summary.history, "predictions": {},
         "tasks": active_tasks(p), "qa_start_epoch": None if qa_from is None else qa_from + 1,
         "num_qa_labels": num_answers, "init": init_source or "scratch",
