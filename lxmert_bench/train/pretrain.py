@@ -185,7 +185,6 @@ def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: Pre
     return result
 
 
-
 def build_model(config: RunConfig, num_answers: int) -> LxmertForPretraining:
     p = config.pretrain
     assert p is not None
