@@ -10,6 +10,8 @@
   with the official balanced question (and choices) files, the challenge evaluator's metrics
   (:func:`gqa_official_metrics`: consistency, validity, plausibility, distribution, per type).
 * NLVR2: accuracy and consistency as ``lil-lab/nlvr nlvr2/eval/metrics.py``.
+* Pretraining diagnostics: the names of the image-reading losses (``IMAGE_READING``), which the
+  pretraining stage logs and the report plots.
 
 A prediction set that misses questions is refused (ValueError), as the official evaluators do.
 
@@ -30,6 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lxmert_bench.io import atomic_write_text
+
+# Does the language side read the image? The validation masked-LM loss of the matched pairs with
+# their own image and with another (train/pretrain.py ``image_reading``): equal while the masked
+# words are guessed from the text alone, apart once the model grounds them in the objects.
+IMAGE_READING = ("mlm_own_image", "mlm_other_image")
+
 
 # ---------------------------------------------------------------------------------------------
 # VQA answer normalisation (vqaEval.py)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lxmert_bench.metrics import IMAGE_READING
 from lxmert_bench.report import ReportSpec, plots
 from lxmert_bench.report.collect import COLUMNS, CURVE_COLUMNS
 from lxmert_bench.report.plots import (
@@ -56,6 +57,9 @@ def _curves(one_point: bool = False) -> pd.DataFrame:
                          "mscoco_minival/matched", 0.6))
             rows.append((variant, None, "pretrain", "pretrain", pre, 30 * epoch, epoch,
                          "mscoco_minival/matched_accuracy", 70.0 + epoch))
+            for name, value in zip(IMAGE_READING, (0.8 - 0.1 * epoch, 0.95)):
+                rows.append((variant, None, "pretrain", "pretrain", pre, 30 * epoch, epoch,
+                             f"mscoco_minival/{name}", value))
         for task in SPEC.tasks:
             for seed in range(3):
                 stage = f"finetune/{variant[:2]}{task}{seed}"
@@ -142,10 +146,19 @@ def test_stage_curves_show_each_pretraining_stage_and_its_matching_accuracy(tmp_
     plot_stage_curves(_curves(), SPEC, tmp_path, note="profile demo")
     name, fig, note = saved[0]
     assert name == "stages_pretrain.png"
-    assert len(fig.axes) == 3 * len(SPEC.variants)  # a row of three panels per stage
+    assert len(fig.axes) == 4 * len(SPEC.variants)  # a row of four panels per stage
     titles = [ax.get_title() for ax in fig.axes]
     assert any("matching" in t for t in titles)
     accuracy_axes = [ax for ax in fig.axes if "matching" in ax.get_title()]
     ys = [y for ax in accuracy_axes for line in ax.get_lines() for y in line.get_ydata()]
     assert 71.0 in ys and 72.0 in ys
+    # the image-reading losses have a panel of their own, not the validation-loss panel's scale
+    reading_axes = [ax for ax in fig.axes if "read the image" in ax.get_title()]
+    assert len(reading_axes) == len(SPEC.variants)
+    for ax in reading_axes:
+        assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted(IMAGE_READING)
+    loss_axes = [ax for ax in fig.axes if "validation loss" in ax.get_title()]
+    assert all(t.get_text() not in IMAGE_READING
+               for ax in loss_axes for t in ax.get_legend().get_texts())
+    assert "masked-LM loss with their own image and with another" in note
     assert "one row per pretraining stage" in note

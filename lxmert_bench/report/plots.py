@@ -30,6 +30,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lxmert_bench.io import atomic_write_bytes  # noqa: E402
+from lxmert_bench.metrics import IMAGE_READING  # noqa: E402
 from lxmert_bench.report.collect import MAIN_METRIC, ReportSpec  # noqa: E402
 from lxmert_bench.report.paper import paper_value  # noqa: E402
 from lxmert_bench.report.tables import status_text  # noqa: E402
@@ -207,7 +208,7 @@ def plot_stage_curves(curves: pd.DataFrame, spec: ReportSpec, out_dir: str | os.
     pre = data[data["kind"] == "pretrain"].drop_duplicates(["stage", "step", "epoch", "series"])
     if not pre.empty:
         stages = list(dict.fromkeys(pre["stage"]))
-        fig, axes = plt.subplots(len(stages), 3, figsize=(15, 3.3 * len(stages)), squeeze=False)
+        fig, axes = plt.subplots(len(stages), 4, figsize=(20, 3.3 * len(stages)), squeeze=False)
         for row, stage in zip(axes, stages):
             part = pre[pre["stage"] == stage]
             names = ", ".join(_label(v) for v in dict.fromkeys(
@@ -216,18 +217,20 @@ def plot_stage_curves(curves: pd.DataFrame, spec: ReportSpec, out_dir: str | os.
             valid = part[part["series"].str.contains("/") & ~part["series"].str.startswith("loss")]
             valid = valid.assign(series=valid["series"].str.split("/", n=1).str[1])  # the split
             accuracy = valid["series"].str.endswith("accuracy")
+            reading = valid["series"].isin(IMAGE_READING)
             _stage_panel(row[0], train, "step", f"{names}: training loss per task", "loss")
-            _stage_panel(row[1], valid[~accuracy], "epoch", f"{stage}: validation loss per task",
-                         "loss")
-            _stage_panel(row[2], valid[accuracy], "epoch", "validation image-sentence matching",
+            _stage_panel(row[1], valid[~accuracy & ~reading], "epoch",
+                         f"{stage}: validation loss per task", "loss")
+            _stage_panel(row[2], valid[reading], "epoch",
+                         "does the text read the image? (masked LM, matched pairs)", "loss")
+            _stage_panel(row[3], valid[accuracy], "epoch", "validation image-sentence matching",
                          "accuracy (%)")
         fig.tight_layout()
         paths.append(_save(fig, _png(out_dir, "stages_", "pretrain"), "\n".join(t for t in (
-            note, "one row per pretraining stage; left: training loss of each task per logged "
-            "step; middle: validation loss of each task after each epoch (mlm_own_image / "
-            "mlm_other_image: the matched pairs' masked LM with their own image and with another, "
-            "apart once the text reads the image); right: validation matching accuracy (%; 50 is "
-            "chance)")
+            note, "one row per pretraining stage: training loss of each task per logged step; "
+            "validation loss of each task after each epoch; the matched pairs' masked-LM loss with "
+            "their own image and with another image (equal while the text ignores the image); "
+            "validation matching accuracy (%; 50 is chance)")
             if t)))
     fine = data[data["kind"] == "finetune"]
     for task in spec.tasks:

@@ -19,6 +19,7 @@ import torch
 from lxmert_bench.config import PretrainConfig, RunConfig
 from lxmert_bench.data.pretrain import PretrainExamples
 from lxmert_bench.io import atomic_torch_save
+from lxmert_bench.metrics import IMAGE_READING
 from lxmert_bench.model import LxmertForPretraining
 from lxmert_bench.model.heads import IGNORE, VISUAL_LOSSES, masked_cross_entropy
 from lxmert_bench.store import RunDir
@@ -108,12 +109,6 @@ def pretrain_train_forward(model: torch.nn.Module, batch: dict[str, Any], p: Pre
     denominators = global_label_denominators(label_counts(batch), n, [n], current_dist_info())
     return pretrain_forward(model, batch, p, with_qa, qa_weight,
                             None if denominators is None else denominators[0])
-
-
-# Does the language side read the image? The validation masked-LM loss of the matched pairs with
-# their own image and with another image of the batch: equal while the masked words are guessed
-# from the text alone, apart once the model grounds them in the objects.
-IMAGE_READING = ("mlm_own_image", "mlm_other_image")
 
 
 def image_reading(model: torch.nn.Module, batch: dict[str, Any], out: dict[str, Any]
