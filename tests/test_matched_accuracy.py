@@ -14,12 +14,12 @@ import torch
 from _helpers import synthetic_data
 
 from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig, RunConfig
+from lxmert_bench.metrics import IMAGE_READING
 from lxmert_bench.model import LxmertConfig
 from lxmert_bench.model.heads import IGNORE, masked_cross_entropy
 from lxmert_bench.store import RunDir
 from lxmert_bench.train.common import load_tokenizer
 from lxmert_bench.train.pretrain import (
-    IMAGE_READING,
     build_model,
     image_reading,
     load_corpora,

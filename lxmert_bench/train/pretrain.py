@@ -120,30 +120,18 @@ def image_reading(model: torch.nn.Module, batch: dict[str, Any], out: dict[str, 
     boxes, labels = batch["boxes"], batch["masked_lm_labels"]
     other = torch.roll(torch.arange(boxes.shape[0], device=boxes.device), 1)
     rows = (batch["matched_label"].reshape(-1) == 1) & (boxes != boxes[other]).flatten(1).any(1)
-    labels = torch.where(rows[:, None], labels, IGNORE)
-    words = int((labels != IGNORE).sum())
+    kept = torch.where(rows[:, None], labels, IGNORE)
+    words = int((kept != IGNORE).sum())
     if not words:
         return {}
     swapped = model(batch["input_ids"], batch["attention_mask"], batch["feats"][other],
-                    boxes[other], masked_lm_labels=labels)
-    return {"words": float(words),
-            "mlm_own_image": float(masked_cross_entropy(
-                *_word_logits(out, batch["masked_lm_labels"], rows), words)) * words,
+                    boxes[other], masked_lm_labels=kept)
+    # ``out``'s logits are [B, L, V], or [N, V] for the N labelled words only (the sparse head)
+    own_labels = kept if out["lm_logits"].dim() == 3 else kept[labels != IGNORE]
+    return {"words": float(words),  # denominator 1: the summed loss
+            "mlm_own_image": float(masked_cross_entropy(out["lm_logits"], own_labels, 1)),
             "mlm_other_image": float(masked_cross_entropy(
-                swapped["lm_logits"], swapped["lm_labels"], words)) * words}
-
-
-def _word_logits(out: dict[str, Any], labels: torch.Tensor, rows: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out``'s masked-LM logits and labels, flattened, with the labels outside ``rows``
-    ignored (the head returns [B, L, V] logits, or [N, V] for the N labelled words only)."""
-    logits, word_labels = out["lm_logits"], out["lm_labels"]
-    if logits.dim() == 3:
-        row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-    else:
-        row_of = (labels != IGNORE).nonzero()[:, 0:1]
-    row_of, word_labels = row_of.reshape(-1), word_labels.reshape(-1)
-    return logits.reshape(-1, logits.shape[-1]), torch.where(rows[row_of], word_labels, IGNORE)
+                swapped["lm_logits"], swapped["lm_labels"], 1))}
 
 
 def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: PretrainConfig,
@@ -159,6 +147,9 @@ def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: Pre
             k = batch_size_of(batch)
             with autocast(device, precision):
                 out = pretrain_forward(model, batch, p, with_qa=p.qa, qa_weight=1.0)
+                if p.mask_lm:
+                    for name, value in image_reading(model, batch, out).items():
+                        reading[name] = reading.get(name, 0.0) + value
             for name, value in out["losses"].items():
                 sums[name] = sums.get(name, 0.0) + float(value) * k
             seen += k
@@ -166,10 +157,6 @@ def validation_losses(model: torch.nn.Module, examples: PretrainExamples, p: Pre
                 labels = batch["matched_label"].reshape(-1)
                 match_right += int((out["match_logits"].argmax(-1) == labels).sum())
                 match_seen += int(labels.numel())
-            if p.mask_lm:
-                with autocast(device, precision):
-                    for name, value in image_reading(model, batch, out).items():
-                        reading[name] = reading.get(name, 0.0) + value
     losses = {name: s / seen for name, s in sums.items()}
     result = {"loss": sum(losses.values()), **losses}
     if match_seen:  # in %, like the fine-tuning accuracies; not a loss, so not in "loss"
