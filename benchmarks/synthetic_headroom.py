@@ -32,6 +32,7 @@ from lxmert_bench.data.synthetic import DESIGNS, OBJECTS, PLURALS, generate_synt
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.io import read_json
 from lxmert_bench.metrics import gqa_accuracy, nlvr2_metrics, vqa_soft_accuracy
+from lxmert_bench.spec import load_profile
 
 NAME_OF = {**{n: n for n in OBJECTS}, **{p: n for n, p in PLURALS.items()}}
 CAPTION_SOURCES = ("mscoco", "vg")  # the corpus's descriptions; the other sources are questions
@@ -93,9 +94,11 @@ def matching_ceiling(root: Path, boxes: int, design: str, seed: int = 0) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", help="a synthetic data root (default: generate the demo's)")
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--design", default="compact")
-    ap.add_argument("--boxes", type=int, default=16, help="boxes the model reads (num_objects)")
+    demo = load_profile("demo").overrides  # the defaults: what the demo profile reads
+    ap.add_argument("--images", type=int, default=demo["data.synthetic_images"])
+    ap.add_argument("--design", default=demo["data.synthetic_design"])
+    ap.add_argument("--boxes", type=int, default=demo["model.num_objects"],
+                    help="boxes the model reads (num_objects; default: the demo profile's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else Path(tmp) / "data"

@@ -634,7 +634,7 @@ def test_table4_from_the_real_plan_with_shared_nlvr2_stages(tmp_path):
     assert "NOT THE PAPER'S NUMBERS" in text and "**synthetic** benchmark" in text
     # the demo profile's model: the tiny preset with what the profile changes, named
     assert ("- **Model:** `tiny` preset with `num_attr_labels=16`, `num_object_labels=32`, "
-            "`num_objects=16`, `visual_feat_dim=64`") in text
+            "`num_objects=12`, `visual_feat_dim=64`") in text
 
 
 def test_table3_from_the_real_plan_with_bert_stage_and_rows_without_pretraining(tmp_path):
