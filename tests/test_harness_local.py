@@ -159,3 +159,27 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "to run" in out and "dry run" in out
     assert not (workdir / "runs").exists()
+
+
+class _EndsOnCall:
+    """Stands in for a submitit job in a unit test of the launcher's wait (no process needed):
+    ``done()`` turns true on its ``n``-th call."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def done(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_the_local_launcher_wakes_when_a_stage_ends_not_after_its_poll_interval():
+    from lxmert_bench.launch import _sleep_until_one_ends
+
+    ending, running = _EndsOnCall(3), _EndsOnCall(10**9)
+    _sleep_until_one_ends({"a": running, "b": ending}, limit_s=600)  # returns on the 3rd look
+    assert ending.calls == 3 and running.calls == 3
+    idle = _EndsOnCall(10**9)
+    _sleep_until_one_ends({"a": idle}, limit_s=0.2)  # nothing ends: it looks until the limit
+    assert 1 < idle.calls < 10**9
+    _sleep_until_one_ends({}, limit_s=0.05)  # only waiting on other processes: a plain sleep

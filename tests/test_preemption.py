@@ -180,6 +180,8 @@ env = submitit.JobEnvironment()
 signal.signal(env._usr_sig(), SignalHandler(env, None, None).checkpoint_and_try_requeue)
 out = StageJob(sys.argv[1], sys.argv[2], threads=1)()
 print("ignored", signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)
+import gc
+print("frozen", gc.get_freeze_count() > 0)
 os.kill(os.getpid(), signal.SIGUSR2)  # while submitit would be saving the result, or exiting
 print("alive", out["stage_id"])
 """
@@ -198,3 +200,22 @@ def test_a_usr2_after_the_stage_is_done_is_ignored(tmp_path, data_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ignored True" in proc.stdout and f"alive {cfg.stage_id}" in proc.stdout
     assert run.read_result()["steps"] == 4
+    # the job process exits next: its objects are left out of the interpreter's last collection
+    assert "frozen True" in proc.stdout
+
+
+def test_a_stage_run_in_the_launchers_own_process_leaves_its_garbage_collector_alone(
+        tmp_path, data_root, monkeypatch):
+    """The debug executor runs stages in the launcher's process, which goes on: freezing its
+    objects there would keep every cycle they form from being collected."""
+    import gc
+
+    from lxmert_bench.launch import StageJob
+
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    cfg = pretrain_config(data_root, 2)
+    run = RunDir(tmp_path / "wd", cfg.stage_id)
+    run.write_config(cfg)
+    before = gc.get_freeze_count()
+    assert StageJob(str(run.workdir), run.stage_id, threads=1)()["stage_id"] == cfg.stage_id
+    assert gc.get_freeze_count() == before
