@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lxmert_bench.model.config import LxmertConfig
-from lxmert_bench.model.heads import VISUAL_LOSSES
+from lxmert_bench.model.config import VISUAL_LOSSES, LxmertConfig
 
 # How a config field takes part in a stage's identity (its hash), declared in the field's metadata:
 # - PROVENANCE: never (paths, logging cadence, devices): recorded in config.json, not hashed;
@@ -137,6 +136,27 @@ class OptimConfig:
     # batch, over every process). None: the process's whole share. The same update within
     # rounding (tests/test_train_accumulation.py), so provenance, not identity.
     micro_batch_size: int | None = provenance(None)
+
+
+def accumulation_problem(batch_size: int, micro_batch_size: int | None, world_size: int = 1,
+                         key: str = "optim.micro_batch_size") -> str | None:
+    """Why ``micro_batch_size`` examples per forward pass cannot make up the global batch of
+    ``batch_size`` over ``world_size`` processes (None: they can, or no accumulation). Each
+    process's share must split into whole, equal micro-batches: equal shapes for compiled steps,
+    and the same number of micro-steps on every rank (DDP all-reduces on the last one)."""
+    if micro_batch_size is None:
+        return None
+    if micro_batch_size <= 0:
+        return f"{key}={micro_batch_size}: must be positive (or null: no accumulation)"
+    if batch_size % world_size:
+        return None  # the batch does not split over the processes: reported on its own
+    per_rank = batch_size // world_size
+    if per_rank % micro_batch_size:
+        where = (f"the per-process batch {per_rank} (batch_size {batch_size} over {world_size} "
+                 "processes)" if world_size > 1 else f"batch_size {batch_size}")
+        return (f"{key}={micro_batch_size} does not divide {where}: gradient accumulation needs "
+                "whole, equal micro-batches")
+    return None
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any
 import submitit
 import yaml
 
+from lxmert_bench.config import accumulation_problem
 from lxmert_bench.io import append_jsonl, atomic_write_json, read_json, utc_now
 from lxmert_bench.owner import HOST, process_start_time, publish_directory, same_process
 from lxmert_bench.plan import Plan, Stage
@@ -382,8 +383,6 @@ def check_resources(plan: Plan, resources: ResourceProfile, overrides: dict[str,
                     cluster: str = "slurm") -> list[str]:
     """Requests Slurm could never run, found before submitting: a global batch the ranks cannot
     split evenly, more nodes than the partition has (or allows), an unknown partition."""
-    from lxmert_bench.train.optim import accumulation_problem
-
     out: list[str] = []
     said: set[str] = set()
     for st in plan.ordered():  # micro-batches that do not make up the batch (any executor)

@@ -18,14 +18,13 @@ from _helpers import free_port, synthetic_data
 from test_train_loop import ToyData, make_model, read_log, settings, step
 
 from lxmert_bench.cli import main
-from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig
+from lxmert_bench.config import DataConfig, OptimConfig, PretrainConfig, accumulation_problem
 from lxmert_bench.data.tasks import PretrainCorpus
 from lxmert_bench.model import LxmertConfig, LxmertForPretraining
 from lxmert_bench.model.bert import BertForMaskedLM
 from lxmert_bench.train import bert as bert_stage
 from lxmert_bench.train.common import load_tokenizer
 from lxmert_bench.train.loop import setup_distributed, teardown_distributed, train
-from lxmert_bench.train.optim import accumulation_problem
 from lxmert_bench.train.pretrain import label_counts, make_examples, pretrain_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+# the masked-object prediction heads (model/heads.py), in the official code's order: detected-label
+# classification (object, attribute) and RoI-feature regression; declared here, where the configs
+# that name them read it without importing torch
+VISUAL_LOSSES = ("obj", "attr", "feat")
+
 
 @dataclass(frozen=True)
 class LxmertConfig:

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lxmert_bench.model.config import LxmertConfig
+from lxmert_bench.model.config import VISUAL_LOSSES, LxmertConfig
 from lxmert_bench.model.lxmert import GELU, Lxmert, gelu, init_weights
 
 IGNORE = -1  # the official code's ignore index (HF uses -100)
-VISUAL_LOSSES = ("obj", "attr", "feat")
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor, denominator: Tensor | float | None = None) -> Tensor:

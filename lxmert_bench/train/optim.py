@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lxmert_bench.config import OptimConfig
+from lxmert_bench.config import OptimConfig, accumulation_problem
 
 NO_BIAS_CORRECTION_STEP = 2.0**40
 
@@ -190,27 +190,6 @@ def build_optimizer(
         raise ValueError(f"optim.optimizer: unknown optimizer {optim.optimizer!r}; "
                          "expected 'bertadam' or 'adamw'")
     return opt, WarmupLinearSchedule(opt, optim.lr, t_total, optim.warmup)
-
-
-def accumulation_problem(batch_size: int, micro_batch_size: int | None, world_size: int = 1,
-                         key: str = "optim.micro_batch_size") -> str | None:
-    """Why ``micro_batch_size`` examples per forward pass cannot make up the global batch of
-    ``batch_size`` over ``world_size`` processes (None: they can, or no accumulation). Each
-    process's share must split into whole, equal micro-batches: equal shapes for compiled steps,
-    and the same number of micro-steps on every rank (DDP all-reduces on the last one)."""
-    if micro_batch_size is None:
-        return None
-    if micro_batch_size <= 0:
-        return f"{key}={micro_batch_size}: must be positive (or null: no accumulation)"
-    if batch_size % world_size:
-        return None  # the batch does not split over the processes: reported on its own
-    per_rank = batch_size // world_size
-    if per_rank % micro_batch_size:
-        where = (f"the per-process batch {per_rank} (batch_size {batch_size} over {world_size} "
-                 "processes)" if world_size > 1 else f"batch_size {batch_size}")
-        return (f"{key}={micro_batch_size} does not divide {where}: gradient accumulation needs "
-                "whole, equal micro-batches")
-    return None
 
 
 def micro_batch_size(optim: OptimConfig, world_size: int = 1) -> int | None:
