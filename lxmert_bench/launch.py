@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import glob
 import os
 import shlex
 import shutil
@@ -433,7 +434,16 @@ def check_resources(plan: Plan, resources: ResourceProfile, overrides: dict[str,
     return out
 
 
+def gpu_device_nodes() -> bool:
+    """Whether this machine shows a GPU to processes (NVIDIA's or ROCm's device files, or
+    nvidia-smi), without importing torch: 1.5 s off the start of every local run without one."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+                or shutil.which("nvidia-smi"))
+
+
 def _cuda_count() -> int:
+    if not gpu_device_nodes():
+        return 0
     try:
         import torch
 

@@ -41,3 +41,16 @@ def test_reading_commands_import_no_heavy_library(argv, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["heavy"] == [], (out, proc.stderr[-2000:])
     assert out["code"] == (2 if "no_such_spec" in argv[-1] else 0), proc.stderr[-2000:]
+
+
+def test_a_local_run_asks_torch_for_gpus_only_where_the_machine_shows_one():
+    probe = ("import json, sys; from lxmert_bench.launch import _cuda_count, gpu_device_nodes; "
+             "n = _cuda_count(); print(json.dumps([n, gpu_device_nodes(), 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    count, nodes, imported = json.loads(out.stdout)
+    if nodes:  # a GPU machine: torch's own count, as before
+        import torch
+
+        assert imported and count == torch.cuda.device_count()
+    else:  # no device file: no GPU for torch either, and the launcher stays light
+        assert count == 0 and not imported
