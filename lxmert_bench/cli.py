@@ -708,6 +708,7 @@ INPUT_ERRORS = (
     ("lxmert_bench.report.harness", "ReportDirError"), ("lxmert_bench.launch", "ResourceError"),
     ("lxmert_bench.export", "ExportError"), ("lxmert_bench.model.hf", "ExportDirError"),
 )
+LAUNCH_ERRORS = (("lxmert_bench.launch", "LaunchError"),)  # the scheduler refused (exit 3)
 
 
 def _loaded(errors: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
@@ -735,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                           *_loaded(INPUT_ERRORS))):
             _err(str(e))
             return EXIT_INVALID
-        if isinstance(e, _loaded((("lxmert_bench.launch", "LaunchError"),))):
+        if isinstance(e, _loaded(LAUNCH_ERRORS)):
             _err(str(e))
             return EXIT_LAUNCH
         if isinstance(e, StageBusy):
