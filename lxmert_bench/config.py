@@ -108,8 +108,9 @@ class DataConfig:
     synthetic_images: int = 600
     synthetic_seed: int = 0
     # Which synthetic generator (data/synthetic.py DESIGNS): "v1" the original one (2048-d
-    # features, Visual Genome label ids); "compact" small features and label ids, for the demo.
-    synthetic_design: Literal["v1", "compact"] = added_later("v1")
+    # features, Visual Genome label ids); "compact" small features and label ids, for the demo;
+    # "themed" compact's files with every scene on one theme (benchmarks/matching_dynamics.py).
+    synthetic_design: Literal["v1", "compact", "themed"] = added_later("v1")
     feature_dtype: Literal["float32", "float16"] = "float32"  # of the memory-mapped store
     max_seq_length: int = 20
     # Training batches' sentences: padded to max_seq_length (the official code: static shapes,

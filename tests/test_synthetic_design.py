@@ -1,16 +1,21 @@
-"""data.synthetic_design: the 'compact' generator the demo profile uses, beside the original 'v1'.
+"""data.synthetic_design: the 'compact' generator the demo profile uses, beside the original 'v1',
+and 'themed' (compact's files with every scene on one theme).
 
 Checked: compact's files are the same obj36 TSV format (read back by the official-format reader),
 with 64-d features and label ids that fit the demo's 32 / 16-way heads, and its features let a
 linear read-out tell the object classes apart; 'v1' stays what it was (2048-d, Visual Genome ids,
-no 'design' key in synthetic.json); the field keeps old stage ids and names its own data root."""
+no 'design' key in synthetic.json) and the text of both is pinned; the field keeps old stage ids
+and names its own data root; a themed image's sentences name the classes of one theme only."""
 
 from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +24,11 @@ from lxmert_bench.config import DataConfig
 from lxmert_bench.data.features import read_obj_tsv
 from lxmert_bench.data.synthetic import (
     DESIGNS,
+    GENERATOR_VERSION,
     OBJECT_IDS,
     OBJECTS,
+    PLURALS,
+    THEMES,
     ensure_synthetic_root,
     generate_synthetic,
     synthetic_root_problem,
@@ -101,3 +109,59 @@ def _identity(data: DataConfig) -> object:
     from lxmert_bench.config import _identity as identity
 
     return identity(data)
+
+
+# sha256 over the relative path and bytes of every generated .json / .txt but synthetic.json, at
+# 120 images, seed 0: the scenes, sentences and answers (the features are float data from a QR
+# decomposition, which may differ in their last bits between BLAS builds). The themed design must
+# not move them: a changed digest means every synthetic stage's data changed (GENERATOR_VERSION).
+TEXT_DIGEST = {"2": "d640f9b7c93bb8eb1ad1520d8900fa16220988829b77b6a750ea03d2c952398b"}
+
+
+def _text_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".json", ".txt") and path.name != "synthetic.json":
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("design", ["v1", "compact"])
+def test_unthemed_designs_keep_their_text(tmp_path, design):
+    generate_synthetic(tmp_path / "d", images=120, seed=0, design=design, progress=False)
+    assert _text_digest(tmp_path / "d") == TEXT_DIGEST[GENERATOR_VERSION]
+
+
+CLASS_OF = {**{n: n for n in OBJECTS}, **{p: n for n, p in PLURALS.items()}}
+THEME_OF = {name: t for t, names in enumerate(THEMES) for name in names}
+
+
+def _themes_per_image(root: Path) -> dict[str, set[int]]:
+    """The themes of the classes each pretraining image's sentences name."""
+    found: dict[str, set[int]] = {}
+    for split in ("mscoco_train", "mscoco_nominival", "mscoco_minival", "vgnococo"):
+        for datum in json.loads((root / "lxmert" / f"{split}.json").read_text()):
+            words = re.findall(r"[a-z]+", " ".join(s for sents in datum["sentf"].values()
+                                                   for s in sents).lower())
+            found[datum["img_id"]] = {THEME_OF[CLASS_OF[w]] for w in words if w in CLASS_OF}
+    return found
+
+
+def test_themed_images_keep_to_one_theme(tmp_path, compact):
+    themed = tmp_path / "themed"
+    generate_synthetic(themed, images=200, seed=0, design="themed", progress=False)
+    per_image = _themes_per_image(themed)
+    assert per_image and all(len(t) == 1 for t in per_image.values())  # questions too
+    assert {t for ts in per_image.values() for t in ts} == set(range(len(THEMES)))
+    # an NLVR2 set's statements and pairs: one theme per set (the identifier's first two fields)
+    sets: dict[str, set[int]] = {}
+    for ex in json.loads((themed / "nlvr2" / "train.json").read_text()):
+        words = re.findall(r"[a-z]+", ex["sent"].lower())
+        sets.setdefault(ex["identifier"].rsplit("-", 2)[0], set()).update(
+            THEME_OF[CLASS_OF[w]] for w in words if w in CLASS_OF)
+    assert sets and all(len(t) == 1 for t in sets.values())
+    # the same files and detector as compact; compact's images mix themes
+    assert json.loads((themed / "synthetic.json").read_text())["design"] == "themed"
+    assert DESIGNS["themed"].feature_dim == DESIGNS["compact"].feature_dim == 64
+    assert sum(len(t) > 1 for t in _themes_per_image(compact).values()) > 50

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,9 @@ ANNOTATOR_ACCURACY = 0.9  # each of the 10 VQA annotators
 
 @dataclass(frozen=True)
 class Design:
-    """What ``data.synthetic_design`` chooses: the detector's feature size and label ids and its
-    feature recipe (the scenes, questions and file formats are the same in every design)."""
+    """What ``data.synthetic_design`` chooses: the detector's feature size and label ids, its
+    feature recipe, and whether scenes keep to a theme (the question and statement generators and
+    the file formats are the same in every design)."""
 
     feature_dim: int = 2048
     object_ids: dict[str, int] = field(default_factory=lambda: {**OBJECT_IDS, **BACKGROUND_IDS})
@@ -97,6 +98,7 @@ class Design:
     class_weight: float = CLASS_WEIGHT
     feature_noise: float = FEATURE_NOISE
     orthogonal: bool = False  # class / attribute codes orthonormal (x sqrt(dim)), not Gaussian
+    themes: tuple[tuple[str, ...], ...] = ()  # each scene's classes come from one (none: any)
 
 
 # "v1": the original generator (Visual Genome-sized label spaces, 2048-d features; test and paper
@@ -111,6 +113,13 @@ DESIGNS: dict[str, Design] = {
         attr_ids={name: i for i, name in enumerate(COLORS + SIZES + BACKGROUND_ATTRS)},
         class_weight=2.0, feature_noise=0.5, orthogonal=True),
 }
+# "themed": compact's detector on scenes that each keep to one theme's classes, as a photo of a
+# kitchen shows cups and chairs, not buses; questions about absent objects name the theme's
+# classes. A sentence of another image then mostly names another theme, so matching has a simple
+# rule (benchmarks/matching_dynamics.py); every scene of the other designs mixes any classes.
+THEMES = (("cat", "cup", "chair", "book"), ("car", "bus", "umbrella", "bottle"),
+          ("dog", "ball", "bird", "horse"))
+DESIGNS["themed"] = replace(DESIGNS["compact"], themes=THEMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +142,8 @@ class Scene:
     width: int
     height: int
     things: list[Thing] = field(default_factory=list)
+    theme: tuple[str, ...] = OBJECTS  # the classes the scene could show (questions about absent
+    # objects name one of these)
 
     def count(self, name: str) -> int:
         return sum(t.name == name for t in self.things)
@@ -165,21 +176,33 @@ def _a(noun_phrase: str) -> str:
     return ("an " if noun_phrase[0] in "aeiou" else "a ") + noun_phrase
 
 
+def pick_theme(rng: np.random.Generator, design: Design) -> tuple[str, ...]:
+    """The classes a new scene may show: one of the design's themes, or all (no draw then)."""
+    return _pick(rng, design.themes) if design.themes else OBJECTS
+
+
+def new_scene(rng: np.random.Generator, img_id: str, design: Design) -> Scene:
+    """A scene of 1-3 classes of a theme the design draws (any class where it has none)."""
+    theme = pick_theme(rng, design)
+    return make_scene(rng, img_id, theme, theme=theme)
+
+
 def make_scene(rng: np.random.Generator, img_id: str, pool: Sequence[str] = OBJECTS,
-               classes: tuple[int, int] = (1, 3), distractor: float = 0.0) -> Scene:
+               classes: tuple[int, int] = (1, 3), distractor: float = 0.0,
+               theme: tuple[str, ...] = OBJECTS) -> Scene:
     """A scene with 1-3 classes from ``pool`` (1-3 instances each) and, with probability
-    ``distractor``, one object of a class outside the pool."""
+    ``distractor``, one object of a class of ``theme`` outside the pool."""
     width, height = _pick(rng, IMAGE_SIZES)
     k = min(int(rng.integers(classes[0], classes[1] + 1)), len(pool))
     names = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
     if distractor and rng.random() < distractor:
-        names.append(_pick(rng, [n for n in OBJECTS if n not in pool]))
+        names.append(_pick(rng, [n for n in theme if n not in pool]))
     specs = [name for name in names for _ in range(1 + int(rng.choice(3, p=COUNT_P)))]
     n = len(specs)
     # distinct, well separated horizontal slots so "left of" is never ambiguous
     slots = (np.arange(n) + rng.uniform(0.25, 0.75, n)) / n
     order = rng.permutation(n)
-    scene = Scene(img_id, int(width), int(height))
+    scene = Scene(img_id, int(width), int(height), theme=tuple(theme))
     for i, name in enumerate(specs):
         color, size = _pick(rng, COLORS), _pick(rng, SIZES)
         frac = rng.uniform(0.16, 0.26) if size == "big" else rng.uniform(0.06, 0.11)
@@ -290,7 +313,7 @@ QA = tuple[str, str, str, str]
 
 
 def _absent(scene: Scene) -> list[str]:
-    return [n for n in OBJECTS if not scene.count(n)]
+    return [n for n in scene.theme if not scene.count(n)]
 
 
 def q_color(rng: np.random.Generator, s: Scene) -> QA | None:
@@ -566,13 +589,14 @@ def nlvr2_statement(rng: np.random.Generator, pool: Sequence[str]) -> Statement:
             lambda a, b: pick(a, b).has(name, size=size))
 
 
-def nlvr2_set(rng: np.random.Generator, split: str, set_id: int
+def nlvr2_set(rng: np.random.Generator, split: str, set_id: int, design: Design
               ) -> tuple[list[dict[str, Any]], list[Scene]]:
     """One NLVR2 'set': image pairs on a theme (three classes) and statements that are true for
     exactly half of the pairs, so the statement alone says nothing about its label."""
-    pool = [OBJECTS[i] for i in rng.choice(len(OBJECTS), size=3, replace=False)]
+    theme = pick_theme(rng, design)
+    pool = [theme[i] for i in rng.choice(len(theme), size=3, replace=False)]
     pairs = [tuple(make_scene(rng, f"{split}-{set_id}-{p}-img{k}", pool, classes=(1, 2),
-                              distractor=0.3) for k in (0, 1))
+                              distractor=0.3, theme=theme) for k in (0, 1))
              for p in range(NLVR2_PAIRS_PER_SET)]
     statements: list[tuple[str, list[bool]]] = []
     for _ in range(60 * NLVR2_STATEMENTS_PER_SET):
@@ -726,11 +750,11 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
     # Visual Genome (pretraining + GQA), GQA testdev, NLVR2 pairs
     coco = _ids(rng, sizes["coco_train"] + sizes["minival"] + sizes["nominival"], 9)
     n_tr, n_mv = sizes["coco_train"], sizes["minival"]
-    coco_train = [make_scene(rng, f"COCO_train2014_{i:012d}") for i in coco[:n_tr]]
-    minival = [make_scene(rng, f"COCO_val2014_{i:012d}") for i in coco[n_tr:n_tr + n_mv]]
-    nominival = [make_scene(rng, f"COCO_val2014_{i:012d}") for i in coco[n_tr + n_mv:]]
-    vg = [make_scene(rng, str(i)) for i in _ids(rng, sizes["vg"], 2_300_000)]
-    testdev = [make_scene(rng, f"n{i}") for i in _ids(rng, sizes["testdev"], 100_000)]
+    coco_train = [new_scene(rng, f"COCO_train2014_{i:012d}", recipe) for i in coco[:n_tr]]
+    minival = [new_scene(rng, f"COCO_val2014_{i:012d}", recipe) for i in coco[n_tr:n_tr + n_mv]]
+    nominival = [new_scene(rng, f"COCO_val2014_{i:012d}", recipe) for i in coco[n_tr + n_mv:]]
+    vg = [new_scene(rng, str(i), recipe) for i in _ids(rng, sizes["vg"], 2_300_000)]
+    testdev = [new_scene(rng, f"n{i}", recipe) for i in _ids(rng, sizes["testdev"], 100_000)]
     say(f"{images} images: {len(coco_train)} COCO train, {len(minival)} minival, "
         f"{len(nominival)} nominival, {len(vg)} VG, {len(testdev)} GQA testdev")
 
@@ -782,7 +806,7 @@ def generate_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0,
     for split in ("train", "valid", "test"):
         nlvr2[split], nlvr2_scenes[split] = [], []
         for set_id in _ids(rng, sizes[f"nlvr2_{split}"], 0):
-            examples, scenes = nlvr2_set(rng, split, set_id)
+            examples, scenes = nlvr2_set(rng, split, set_id, recipe)
             nlvr2[split] += examples
             nlvr2_scenes[split] += scenes
         for i, ex in enumerate(nlvr2[split]):
@@ -922,7 +946,8 @@ def write_test_splits(out: Path, seed: int, images: int, detector: Detector,
     summary's entries for them."""
     rng = np.random.default_rng([seed, TEST_SCENE_STREAM])
     n_vqa = max(2, round(TEST_VQA_SHARE * images))
-    coco_test = [make_scene(rng, f"COCO_test2015_{i:012d}") for i in _ids(rng, n_vqa, 600_000)]
+    coco_test = [new_scene(rng, f"COCO_test2015_{i:012d}", detector.design)
+                 for i in _ids(rng, n_vqa, 600_000)]
     vqa_test = []
     for s in coco_test:
         number = int(s.img_id.rsplit("_", 1)[1])
@@ -939,7 +964,7 @@ def write_test_splits(out: Path, seed: int, images: int, detector: Detector,
                            "sent": _sentence(q)})
     test2, test2_scenes = [], []
     for set_id in _ids(rng, _allocate(images)["nlvr2_test"], 0):
-        examples, scenes = nlvr2_set(rng, "test2", set_id)
+        examples, scenes = nlvr2_set(rng, "test2", set_id, detector.design)
         test2 += [{k: v for k, v in ex.items() if k != "label"} for ex in examples]
         test2_scenes += scenes
     for i, ex in enumerate(test2):
