@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_is_exact(tmp_path):
+def test_resume_after_interruption_is_exact(tmp_path, capsys):
     data = ToyData()
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     s_full, s_cut = settings(full_dir), settings(cut_dir)
@@ -172,7 +173,9 @@ def test_resume_after_interruption_is_exact(tmp_path):
     # the log already holds step 6's line (not 8): a resumed run must not duplicate lines
     resumed_model = make_model()
     torch.manual_seed(1234)  # the global RNG state is restored from the checkpoint anyway
+    capsys.readouterr()
     cut = train(resumed_model, data, step, s_cut, evaluate=evaluate_on(data))
+    assert re.search(r"resumed from last\.pt at step 6/\d+", capsys.readouterr().err)
     assert cut.history == full.history
     for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
         assert torch.equal(a, b)

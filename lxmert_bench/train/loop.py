@@ -517,6 +517,9 @@ class _Trainer:
             )
         self.progress = _Progress(self.total_steps, self.state.global_step, settings.desc,
                                   info.is_main)
+        if self.state.global_step:  # a requeued or re-run stage: say where it picks up
+            self.progress.write(f"[{settings.desc}] resumed from last.pt at step "
+                                f"{self.state.global_step}/{self.total_steps}")
         mode = compile_mode(settings.compile, self.device)
         if mode and hasattr(model, "sparse_mlm"):
             model.sparse_mlm = False  # the MLM decoder on every word: static shapes, same loss
