@@ -1183,6 +1183,10 @@ def _finish_local(workdir: Path, sid: str, job: submitit.Job, report: LaunchRepo
         msg = f"{err.get('type')}: {err.get('error')}" if err else \
             (str(e).strip().splitlines() or [""])[-1]
         say(f"stage {sid} {state}: {msg}")
+        if state == INTERRUPTED and err and err.get("signal") == "SIGINT":
+            # Ctrl-C: the stages got it, but this launcher can miss it (SIGINT is ignored here
+            # while a local controller starts, _sigint_ignored); stop the run as Ctrl-C does
+            raise KeyboardInterrupt from None
 
 
 # ---------------------------------------------------------------------------------------------

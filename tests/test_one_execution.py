@@ -160,6 +160,21 @@ def test_cancel_stops_a_local_run_within_seconds(tmp_path, capsys):
     assert all(RunDir(wd, s).is_done() for s in plan.stages)
 
 
+def test_a_ctrl_c_only_the_stage_got_stops_the_run_as_well(tmp_path):
+    """While the launcher starts a local stage it ignores SIGINT (so that the stage's controller
+    inherits that), and a Ctrl-C then reaches only the running stages. A stage ended by SIGINT
+    stops the run as Ctrl-C does: exit 130 and its message, nothing started after it."""
+    spec, wd, args, plan, pre, proc = _run_until_pretraining_logs(tmp_path)
+    os.kill(pre.lock_holder()["pid"], signal.SIGINT)  # the stage's process alone
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "re-run the same command to continue" in err and "Traceback" not in err
+    assert stage_statuses(plan, wd)[pre.stage_id].state == INTERRUPTED
+    assert json.loads(pre.error_path.read_text())["signal"] == "SIGINT"
+    assert not any(RunDir(wd, s).path.exists() and RunDir(wd, s).log_path.exists()
+                   for s in plan.stages if s.startswith("finetune/"))
+
+
 def _as_in_a_terminal() -> None:
     """A terminal's command has SIGINT at its default; one started from a background shell job
     (CI scripts) inherits it ignored, and Python then never raises KeyboardInterrupt."""
