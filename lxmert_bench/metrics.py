@@ -11,7 +11,8 @@
   (:func:`gqa_official_metrics`: consistency, validity, plausibility, distribution, per type).
 * NLVR2: accuracy and consistency as ``lil-lab/nlvr nlvr2/eval/metrics.py``.
 * Pretraining diagnostics: the names of the image-reading losses (``IMAGE_READING``), which the
-  pretraining stage logs and the report plots.
+  pretraining stage logs and the report plots, and of all its diagnostics
+  (``PRETRAIN_DIAGNOSTICS``, with the matching accuracy), which the report tabulates.
 
 A prediction set that misses questions is refused (ValueError), as the official evaluators do.
 
@@ -37,6 +38,10 @@ from lxmert_bench.io import atomic_write_text
 # their own image and with another (train/pretrain.py ``image_reading``): equal while the masked
 # words are guessed from the text alone, apart once the model grounds them in the objects.
 IMAGE_READING = ("mlm_own_image", "mlm_other_image")
+# A pretraining stage's diagnostics, kept in result.json beside its losses (``matched_accuracy``,
+# ``image_reading``) and tabulated apart from them: the image-sentence matching accuracy (%) on
+# the validation split and the image-reading losses.
+PRETRAIN_DIAGNOSTICS = ("matched_accuracy", *IMAGE_READING)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,9 +93,19 @@ def write_pretrain(workdir: Path, variant: str, fingerprint: str = SYNTHETIC_FP,
                   "timings": {"train_s": 3000.0, "eval_s": 600.0, "total_s": 3600.0},
                   "device": "cuda", "num_gpus": 4, "gpu_hours": 4.0, "precision": "bf16",
                   "versions": {"lxmert_bench": "0.1.0", "torch": "2.13.0", "python": "3.11.7"},
-                  "data_fingerprint": fingerprint, "code_version": "0.1.0+abcd1234"}
+                  "data_fingerprint": fingerprint, "code_version": "0.1.0+abcd1234",
+                  # diagnostics beside the losses; No Vision Tasks has none (an older result)
+                  **PRETRAIN_DIAGNOSTICS.get(variant, {})}
         (run / "result.json").write_text(json.dumps(result))
     return stage
+
+
+PRETRAIN_DIAGNOSTICS = {
+    "Feat + Label": {"matched_accuracy": 81.25,
+                     "image_reading": {"mlm_own_image": 0.5, "mlm_other_image": 0.75}},
+    "Label": {"matched_accuracy": 55.0, "image_reading": None},
+    "Feat": {"matched_accuracy": 50.0},
+}
 
 
 def write_finetune(workdir: Path, variant: str, task: str, seed: int, state: str,
@@ -286,7 +296,11 @@ def test_collect_rows_states_and_results_jsonl(table5, tmp_path):
     # pretraining losses: one set per variant, its own seed
     pre = frame[frame["kind"] == "pretrain"]
     assert set(pre["variant"]) == set(SPEC.variants)
-    assert set(pre.loc[pre["variant"] == "Label", "metric"]) == {"loss", "mlm", "matched", "qa", "obj", "attr"}
+    assert set(pre.loc[pre["variant"] == "Label", "metric"]) == {"loss", "mlm", "matched", "qa", "obj",
+                                                                 "attr", "matched_accuracy"}
+    # and its diagnostics, read from beside the losses (image_reading: None adds nothing)
+    fl = pre[pre["variant"] == "Feat + Label"].set_index("metric")["value"]
+    assert (fl["matched_accuracy"], fl["mlm_own_image"], fl["mlm_other_image"]) == (81.25, 0.5, 0.75)
     assert set(pre["seed"]) == {9595}
     # results.jsonl: one JSON object per row, readable back into the same frame
     lines = out.read_text().splitlines()
@@ -415,7 +429,8 @@ def test_partial_results_say_their_state(frame):
 def test_detail_tables(frame):
     tables = detail_tables(Summary(frame), SPEC)
     assert list(tables) == ["VQA per answer type", "GQA", "NLVR² accuracy and consistency",
-                            "Pretraining losses (final validation loss per task)"]
+                            "Pretraining losses (final validation loss per task)",
+                            "Pretraining: matching accuracy and image reading (final validation)"]
     [vqa] = parse_tables(tables["VQA per answer type"])
     assert vqa[0] == ["Variant", "accuracy ↑", "yes/no ↑", "number ↑", "other ↑"]
     assert len(vqa) == 1 + len(SPEC.variants)
@@ -430,6 +445,16 @@ def test_detail_tables(frame):
     assert cell(pre, "No Vision Tasks", "RoI feat ↓") == "—"  # done, but has no such loss
     assert cell(pre, "Feat + Label", "RoI feat ↓") == "**0.500** (n=1)"  # ties with Feat
     assert cell(pre, "Label", "RoI feat ↓") == "—"
+    assert not any("matching accuracy" in h for h in pre[0])  # diagnostics have their own table
+    [diag] = parse_tables(tables["Pretraining: matching accuracy and image reading (final validation)"])
+    assert diag[0] == ["Variant", "matching accuracy (%) ↑", "masked LM, own image ↓",
+                       "masked LM, another image ↑"]
+    assert cell(diag, "Feat + Label", "matching accuracy (%) ↑") == "**81.250** (n=1)"
+    assert cell(diag, "Label", "matching accuracy (%) ↑") == "55.000 (n=1)"
+    assert cell(diag, "Feat + Label", "masked LM, own image ↓") == "**0.500** (n=1)"
+    assert cell(diag, "Feat + Label", "masked LM, another image ↑") == "0.750 (n=1)"  # never bold
+    assert cell(diag, "Label", "masked LM, own image ↓") == "—"
+    assert cell(diag, "No Vision Tasks", "matching accuracy (%) ↑") == "—"  # logged none
 
 
 # ------------------------------------------------------------------------------------------------
@@ -527,6 +552,10 @@ def test_write_report(report, table5):
     assert "`demo` profile" in text and SYNTHETIC_FP in text
     assert "- **Model:** `tiny` preset" in text
     assert "0.1.0+abcd1234" in text and "torch 2.13.0" in text
+    # the pretraining diagnostics: their own table, with what its columns mean under it
+    table, note = text.split("### Pretraining: matching accuracy and image reading")[1].split("\n\n")[1:3]
+    assert "| Feat + Label" in table and "**81.250** (n=1)" in table
+    assert note.startswith("*matching accuracy*: image-sentence matching") and "chance 50 %" in note
     # how the stages ran (issue 13's switches), read from their config.json
     assert "- **Execution** (changes numbers within rounding only; not in stage ids): " \
            "torch.compile auto, TF32 allowed (CUDA)" in text

@@ -185,6 +185,9 @@ def _result_rows(result: Any, path: str, kind: str, variant: str, seed: int | No
         versions.get("lxmert_bench"), versions.get("torch"), versions.get("python"),
         result.get("finished_at"), None,
     )
+    if kind == "pretrain":  # its diagnostics sit beside the losses (train/pretrain.py)
+        metrics = {**metrics, "matched_accuracy": result.get("matched_accuracy"),
+                   **(result.get("image_reading") or {})}
     rows = []
     for metric, value in metrics.items():
         if value is None:

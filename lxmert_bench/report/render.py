@@ -41,6 +41,8 @@ from lxmert_bench.report.plots import (
 from lxmert_bench.report.significance import N_RESAMPLES, Comparison, compare_to_reference
 from lxmert_bench.report.submissions import submissions_section
 from lxmert_bench.report.tables import (
+    PRETRAINING_DIAGNOSTICS,
+    PRETRAINING_LOSSES,
     TASK_LABELS,
     Summary,
     axis_tables,
@@ -62,7 +64,7 @@ SWITCHES: tuple[tuple[str, str, Any, Any], ...] = tuple(
 PLOT_PREFIXES = ("bars_", "curves_", "stages_")
 # The layout of report.md (sections, tables, plot names). Bump it when that layout changes: the
 # committed examples (results/examples/) must carry the current one (tests/test_examples.py).
-REPORT_FORMAT = 2
+REPORT_FORMAT = 3
 REPORT_FORMAT_TEXT = "report format {}"
 
 
@@ -347,9 +349,15 @@ def render_markdown(spec: ReportSpec, frame: pd.DataFrame,
         out += [f"### {title}", "", table, ""]
         if title == "GQA":
             out += gqa_notes(frame)
-        if title.startswith("Pretraining"):
+        if title == PRETRAINING_LOSSES:
             out += ["— : a task the variant does not train. *total* sums the losses of the tasks a "
                     "variant trains, so it is not comparable across rows (never bold).", ""]
+        if title == PRETRAINING_DIAGNOSTICS:
+            out += ["*matching accuracy*: image-sentence matching on the validation pairs (half "
+                    "matched, half with another image's sentence; chance 50 %). *masked LM, own / "
+                    "another image*: the masked-LM loss of the matched pairs with their own image "
+                    "and with another one; equal while masked words are guessed from the text "
+                    "alone, apart once the language side reads the objects.", ""]
     out += submissions_section(frame)
     if plots:
         out += ["## Plots", ""]

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 from tabulate import tabulate
 
+from lxmert_bench.metrics import PRETRAIN_DIAGNOSTICS
 from lxmert_bench.report.collect import MAIN_METRIC, ReportSpec
 from lxmert_bench.report.paper import paper_table, paper_value
 from lxmert_bench.report.significance import Comparison
@@ -27,6 +28,8 @@ METRIC_LABELS = {
     "validity": "validity", "plausibility": "plausibility", "distribution": "distribution",
     "loss": "total", "mlm": "masked LM", "matched": "matching", "obj": "obj label",
     "attr": "attr label", "feat": "RoI feat", "qa": "image QA",
+    "matched_accuracy": "matching accuracy (%)", "mlm_own_image": "masked LM, own image",
+    "mlm_other_image": "masked LM, another image",
 }
 DETAIL_METRICS = {
     "vqa": ("accuracy", "yes/no", "number", "other"),
@@ -259,8 +262,23 @@ def _pretrain_variants(summary: Summary, spec: ReportSpec) -> list[str]:
 def pretraining_table(summary: Summary, spec: ReportSpec, digits: int = 3) -> str:
     """Final pretraining losses (mean valid loss per task) per variant; lower is better. The total
     sums the losses of the tasks a variant trains, so it is not compared (no bold) across rows."""
-    return metric_table(summary, spec, "pretrain", "pretrain", None, higher_is_better=False,
+    present = summary.metrics.get(("pretrain", "pretrain"), set())
+    losses = DETAIL_METRICS["pretrain"]
+    losses += tuple(sorted(present - set(losses) - set(PRETRAIN_DIAGNOSTICS)))
+    return metric_table(summary, spec, "pretrain", "pretrain", losses, higher_is_better=False,
                         digits=digits, no_bold=("loss",))
+
+
+def pretraining_diagnostics_table(summary: Summary, spec: ReportSpec) -> str | None:
+    """Per variant, at the end of pretraining on the validation split: the image-sentence matching
+    accuracy and the masked-LM loss of the matched pairs with their own image and with another
+    (the gap says how much the language side reads the image). None when no run logged them."""
+    present = summary.metrics.get(("pretrain", "pretrain"), set())
+    if not present & set(PRETRAIN_DIAGNOSTICS):
+        return None
+    return metric_table(summary, spec, "pretrain", "pretrain", PRETRAIN_DIAGNOSTICS,
+                        higher_is_better=True, digits=3, lower_is_better=("mlm_own_image",),
+                        no_bold=("mlm_other_image",))
 
 
 GQA_TYPE_PREFIXES = ("structural/", "semantic/")
@@ -284,6 +302,10 @@ def gqa_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[str,
     return out
 
 
+PRETRAINING_LOSSES = "Pretraining losses (final validation loss per task)"
+PRETRAINING_DIAGNOSTICS = "Pretraining: matching accuracy and image reading (final validation)"
+
+
 def detail_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[str, str]:
     """Title -> Markdown table: VQA per answer type, GQA, NLVR² accuracy + consistency, and the
     pretraining losses when any variant pretrains."""
@@ -295,7 +317,10 @@ def detail_tables(summary: Summary, spec: ReportSpec, digits: int = 2) -> dict[s
             continue
         out.update(gqa_tables(summary, spec, digits))
     if any(k == "pretrain" for (k, _v, _t) in summary.states):
-        out["Pretraining losses (final validation loss per task)"] = pretraining_table(summary, spec)
+        out[PRETRAINING_LOSSES] = pretraining_table(summary, spec)
+        diagnostics = pretraining_diagnostics_table(summary, spec)
+        if diagnostics:
+            out[PRETRAINING_DIAGNOSTICS] = diagnostics
     return out
 
 
