@@ -1,6 +1,6 @@
 """benchmarks/matching_dynamics.py: the demo model on the two halves of the matching decision and
-on matching itself, side by side, on a small themed root (a few steps; the benchmark's own run
-measures the demo's whole budget).
+the MLP handed both, side by side, on a small themed root (a few steps; the benchmark's own run
+measures all its columns, matching itself included, over the demo's whole budget).
 
 Checked: the table has a row per validation and a column per model; the halves (each a
 first-order signal: the image's theme, the sentence's theme) are learned within 20 steps, which is
@@ -29,13 +29,15 @@ def _load():
 
 @pytest.mark.slow
 def test_the_halves_are_learned_in_tens_of_steps(tmp_path):
-    table = _load().run(tmp_path, steps=20, every=10, images=300)
+    # the matching columns stay at chance for hundreds of steps: at 20 they show nothing, so the
+    # test trains the halves and the MLP beside them (the default run trains all five)
+    table = _load().run(tmp_path, steps=20, every=10, images=300,
+                        runs=["image half", "text half", "matching, halves given"])
     rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [r.split("|")[1].strip() for r in rows] == ["10", "20"]
     header = next(line for line in table.splitlines() if line.startswith("| step"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "step", "image half", "text half", "matching", "matching + masked LM",
-        "matching, halves given"]
+        "step", "image half", "text half", "matching, halves given"]
     last = [float(c) for c in rows[-1].strip("|").split("|")[1:]]
     assert last[0] > 85 and last[1] > 80  # chance: ~70 / ~75 (theme A is one of three)
     assert all(0 <= v <= 100 for v in last)
