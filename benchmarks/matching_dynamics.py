@@ -26,6 +26,11 @@ optimizer, it has not carried matching off chance within 2,500 steps at peak lr 
 
     python benchmarks/matching_dynamics.py --steps 2500 --lr 1e-3 --every 250 \
         --runs "matching,matching + masked LM"      # how long matching takes, and with what
+
+Below the table, each column's gradient norm before clipping (whole model, and the visual feature
+encoder): the masked boxes' zeroed features make it thousands at the first step and leave the
+visual encoder a small share from step ~25 on, so clipping (``--grad-clip 0`` turns it off) is not
+what keeps matching at chance.
 """
 
 from __future__ import annotations
@@ -168,19 +173,29 @@ class Probe:
     mask_lm: bool = False  # the masked-LM loss beside the head's
 
 
-def train(probe: Probe, valid: list, optim: Any, steps: int, every: int) -> list[float]:
+def grad_norm(params: list[torch.nn.Parameter]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for p in params if p.grad is not None] or [torch.zeros(())])))
+
+
+def train(probe: Probe, valid: list, optim: Any, steps: int, every: int
+          ) -> tuple[list[float], list[tuple[float, float]]]:
     """Validation accuracy every ``every`` steps under the pretraining's optimizer, schedule and
-    clipping."""
+    clipping, and per step the gradient norm before clipping: of the whole model and of the
+    visual feature encoder (``visn_fc``: the boxes' projection and LayerNorm)."""
     from lxmert_bench.train.optim import build_optimizer
 
     model = probe.make()
+    visual = [p for name, p in model.named_parameters() if ".visn_fc." in name]
     opt, schedule = build_optimizer(model.parameters(), optim, steps)
-    curve = []
+    curve, norms = [], []
     for step, (indices, b) in enumerate(batches(probe.examples, steps, optim.batch_size, 0), 1):
         extra = {"masked_lm_labels": b["masked_lm_labels"]} if probe.mask_lm else {}
         loss = model(b["input_ids"], b["attention_mask"], b["feats"], b["boxes"],
                      matched_label=probe.train_label(indices, b), **extra)["loss"]
         loss.backward()
+        if visual:  # an LXMERT (GivenHalves has no visual feature encoder)
+            norms.append((grad_norm(list(model.parameters())), grad_norm(visual)))
         if optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         schedule.step()
@@ -188,13 +203,33 @@ def train(probe: Probe, valid: list, optim: Any, steps: int, every: int) -> list
         opt.zero_grad()
         if step % every == 0 or step == steps:
             curve.append(accuracy(model, valid, probe.valid_label))
-    return curve
+    return curve, norms
+
+
+NORM_STEPS = (1, 2, 3, 10, 25)  # the first steps, where zeroed (masked) boxes dominate
+
+
+def norm_line(name: str, norms: list[tuple[float, float]]) -> str:
+    """Gradient norms before clipping, ``total (visual feature encoder)``, at the first steps and
+    as the median over the rest: a masked box's zeroed features project to the bias alone, 0 at
+    initialisation, and the LayerNorm after it divides by that vector's spread (eps 1e-12)."""
+    def pair(t: float, v: float) -> str:
+        return f"{t:.3g} ({v:.3g})"
+
+    cells = [f"step {s} {pair(*norms[s - 1])}" for s in NORM_STEPS if s <= len(norms)]
+    rest = norms[max(NORM_STEPS):]
+    if rest:
+        total, visual = (float(np.median([n[i] for n in rest])) for i in (0, 1))
+        cells.append(f"median of steps {max(NORM_STEPS) + 1}-{len(norms)} {pair(total, visual)}")
+    return f"- {name}: " + ", ".join(cells)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, help="training steps (default: the demo's pretraining)")
     ap.add_argument("--lr", type=float, help="peak learning rate (default: the demo's)")
+    ap.add_argument("--grad-clip", type=float,
+                    help="gradient clipping norm, 0 for none (default: the demo's, 1.0)")
     ap.add_argument("--every", type=int, default=100, help="validate every this many steps")
     ap.add_argument("--images", type=int, help="synthetic images (default: the demo's)")
     ap.add_argument("--runs", help=f"comma-separated columns (default: all of {', '.join(RUNS)})")
@@ -205,14 +240,16 @@ def main() -> None:
     if unknown:
         ap.error(f"--runs: unknown {unknown}; expected some of {list(RUNS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        print(run(Path(args.workdir or tmp), args.steps, args.every, args.images, args.lr, runs))
+        print(run(Path(args.workdir or tmp), args.steps, args.every, args.images, args.lr, runs,
+                  args.grad_clip))
 
 
 RUNS = ("image half", "text half", "matching", "matching + masked LM", "matching, halves given")
 
 
 def run(workdir: Path, steps: int | None = None, every: int = 100, images: int | None = None,
-        lr: float | None = None, runs: list[str] | None = None) -> str:
+        lr: float | None = None, runs: list[str] | None = None,
+        grad_clip: float | None = None) -> str:
     """Train the columns ``runs`` (default: all) side by side; returns the table."""
     from lxmert_bench.data.root import ensure_data_root
     from lxmert_bench.train.common import load_tokenizer
@@ -223,7 +260,8 @@ def run(workdir: Path, steps: int | None = None, every: int = 100, images: int |
     config = stage_config(workdir, images)
     ensure_data_root(config.data)
     p = config.pretrain
-    optim = replace(p.optim, lr=lr) if lr else p.optim
+    optim = replace(p.optim, lr=lr or p.optim.lr,
+                    grad_clip=p.optim.grad_clip if grad_clip is None else grad_clip)
     train_corpus, valid_corpus = load_corpora(config)
     tokenizer = load_tokenizer(config.data)
     themes = Themes(tokenizer)
@@ -254,11 +292,12 @@ def run(workdir: Path, steps: int | None = None, every: int = 100, images: int |
                                 config.model.hidden_size), pairs, "pairs", matched, matched),
     }
     runs = list(runs or RUNS)
-    curves, seconds = {}, {}
+    curves, norms, seconds = {}, {}, {}
     for name in runs:
         torch.manual_seed(0)  # every LXMERT column starts from the same weights
         start = time.perf_counter()
-        curves[name] = train(probes[name], valid_sets[probes[name].valid], optim, steps, every)
+        curves[name], norms[name] = train(probes[name], valid_sets[probes[name].valid], optim,
+                                          steps, every)
         seconds[name] = time.perf_counter() - start
     rule = theme_rule(valid_corpus, themes, valid_sets["pairs"])
     checkpoints = [min(k * every, steps) for k in range(1, -(-steps // every) + 1)]
@@ -270,6 +309,9 @@ def run(workdir: Path, steps: int | None = None, every: int = 100, images: int |
         lines.append(f"| {step} | " + " | ".join(f"{curves[n][i]:.1f}" for n in runs) + " |")
     lines.append("| seconds | " + " | ".join(f"{seconds[n]:.0f}" for n in runs) + " |")
     lines.append(f"theme rule on the same matching pairs (no training): {rule:.1f} %")
+    clipping = f"then clipped at {optim.grad_clip:g}" if optim.grad_clip else "no clipping"
+    lines.append(f"gradient norm ({clipping}), total (visual feature encoder):")
+    lines += [norm_line(name, norms[name]) for name in runs if norms[name]]
     return "\n".join(lines)
 
 

@@ -43,3 +43,12 @@ def test_the_halves_are_learned_in_tens_of_steps(tmp_path):
     assert all(0 <= v <= 100 for v in last)
     rule = float(re.search(r"no training\): ([\d.]+) %", table).group(1))
     assert rule > 70
+    # gradient norms before clipping, "total (visual feature encoder)": at the first step the
+    # masked boxes' zeroed features (LayerNorm of the zero bias) are nearly all of it
+    norms = {line.split(":")[0][2:]: re.findall(r"step (\d+) ([\d.e+]+) \(([\d.e+]+)\)", line)
+             for line in table.splitlines() if line.startswith("- ")}
+    assert list(norms) == ["image half", "text half"]  # the MLP has no visual encoder to show
+    for found in norms.values():
+        assert [int(s) for s, _, _ in found] == [1, 2, 3, 10]
+        total, visual = float(found[0][1]), float(found[0][2])
+        assert total > 100 and visual > 0.99 * total
