@@ -173,11 +173,6 @@ class Probe:
     mask_lm: bool = False  # the masked-LM loss beside the head's
 
 
-def grad_norm(params: list[torch.nn.Parameter]) -> float:
-    return float(torch.linalg.vector_norm(torch.stack(
-        [p.grad.norm() for p in params if p.grad is not None] or [torch.zeros(())])))
-
-
 def train(probe: Probe, valid: list, optim: Any, steps: int, every: int
           ) -> tuple[list[float], list[tuple[float, float]]]:
     """Validation accuracy every ``every`` steps under the pretraining's optimizer, schedule and
@@ -186,6 +181,7 @@ def train(probe: Probe, valid: list, optim: Any, steps: int, every: int
     from lxmert_bench.train.optim import build_optimizer
 
     model = probe.make()
+    params = list(model.parameters())
     visual = [p for name, p in model.named_parameters() if ".visn_fc." in name]
     opt, schedule = build_optimizer(model.parameters(), optim, steps)
     curve, norms = [], []
@@ -194,10 +190,14 @@ def train(probe: Probe, valid: list, optim: Any, steps: int, every: int
         loss = model(b["input_ids"], b["attention_mask"], b["feats"], b["boxes"],
                      matched_label=probe.train_label(indices, b), **extra)["loss"]
         loss.backward()
+        # one total norm serves the record and the clipping (clip_grad_norm_'s two halves)
+        total = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
         if visual:  # an LXMERT (GivenHalves has no visual feature encoder)
-            norms.append((grad_norm(list(model.parameters())), grad_norm(visual)))
+            visual_norm = torch.nn.utils.get_total_norm([q.grad for q in visual
+                                                         if q.grad is not None])
+            norms.append((float(total), float(visual_norm)))
         if optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(params, optim.grad_clip, total)
         schedule.step()
         opt.step()
         opt.zero_grad()
